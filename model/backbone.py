@@ -1,0 +1,236 @@
+"""The CLIP backbone, built with open_clip, with every token projected to the joint space (SPEC 4).
+
+Weights come from (a) a local OpenAI file (TorchScript archive or state dict), (b) an open_clip or Hugging Face
+(transformers `CLIPModel`) checkpoint of the same model, or (c) random initialisation of a named architecture.
+OpenAI's weights were trained with QuickGELU, so every tower here is built with it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+from utils.errors import UserError
+
+logger = logging.getLogger("php.model")
+
+OPENAI_NAMES = {"ViT-B/16": "ViT-B-16.pt"}
+
+
+@dataclass(frozen=True)
+class ClipShape:
+    """Every size needed to build the backbone; read from an architecture name or from a state dict."""
+    embed_dim: int
+    vision_width: int
+    vision_layers: int
+    patch_size: int
+    text_width: int
+    text_layers: int
+    context_length: int
+    vocab_size: int = 49408
+
+
+# Random-weight architectures. ViT-B-16 is the paper's; the small ones serve the demo and the tests.
+ARCHITECTURES: Dict[str, ClipShape] = {
+    "ViT-B-16": ClipShape(512, 768, 12, 16, 512, 12, 77),
+    "ViT-Demo": ClipShape(256, 256, 4, 16, 256, 3, 77),
+    "ViT-Tiny": ClipShape(64, 64, 2, 16, 64, 2, 77),
+}
+
+
+def build_clip(shape: ClipShape, img_size: Sequence[int], context_length: Optional[int] = None) -> CLIP:
+    """An open_clip CLIP (QuickGELU) for `img_size` (H, W), with attention heads = width // 64."""
+    h, w = int(img_size[0]), int(img_size[1])
+    if h % shape.patch_size or w % shape.patch_size:
+        raise UserError(f"img_size {h}x{w} is not a multiple of the backbone's patch size {shape.patch_size}")
+    vision = CLIPVisionCfg(layers=shape.vision_layers, width=shape.vision_width, head_width=64,
+                           patch_size=shape.patch_size, image_size=(h, w), output_tokens=True)
+    text = CLIPTextCfg(context_length=context_length or shape.context_length, vocab_size=shape.vocab_size,
+                       width=shape.text_width, heads=max(1, shape.text_width // 64), layers=shape.text_layers)
+    clip = CLIP(shape.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=True)
+    # The temperature is fixed (SPEC 4); an unused trainable scale would only confuse DDP and the optimizer.
+    del clip.logit_scale
+    return clip
+
+
+def shape_from_state_dict(sd: Dict[str, torch.Tensor], prefix: str = "") -> ClipShape:
+    """Read the backbone's sizes from OpenAI/open_clip-named weights (optionally under `prefix`)."""
+    def get(key):
+        if prefix + key not in sd:
+            raise UserError(f"checkpoint has no '{prefix + key}': not a CLIP ViT state dict")
+        return sd[prefix + key]
+
+    def count(tower):
+        marker = f"{prefix}{tower}resblocks."
+        return len({k[len(marker):].split(".")[0] for k in sd if k.startswith(marker)})
+
+    conv = get("visual.conv1.weight")
+    return ClipShape(embed_dim=get("text_projection").shape[1], vision_width=conv.shape[0],
+                     vision_layers=count("visual.transformer."), patch_size=conv.shape[-1],
+                     text_width=get("ln_final.weight").shape[0], text_layers=count("transformer."),
+                     context_length=get("positional_embedding").shape[0],
+                     vocab_size=get("token_embedding.weight").shape[0])
+
+
+def image_tokens(clip: CLIP, images: torch.Tensor) -> torch.Tensor:
+    """All image tokens after ln_post and the projection: [B, 1 + gh*gw, D]; index 0 is the CLS token."""
+    visual = clip.visual
+    pooled, patches = visual(images)  # pooled = ln_post(CLS) @ proj; patches are ln_post-ed, not projected
+    return torch.cat([pooled.unsqueeze(1), patches @ visual.proj], dim=1)
+
+
+def text_tokens(clip: CLIP, ids: torch.Tensor) -> torch.Tensor:
+    """All text tokens after ln_final and the text projection: [B, L, D]."""
+    x = clip.token_embedding(ids) + clip.positional_embedding[: ids.shape[1]]
+    x = clip.transformer(x, attn_mask=clip.attn_mask[: ids.shape[1], : ids.shape[1]])
+    return clip.ln_final(x) @ clip.text_projection
+
+
+def eot_features(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Global text feature: the token at the EOT position (the largest id in each row)."""
+    return tokens[torch.arange(tokens.shape[0], device=tokens.device), ids.argmax(dim=-1)]
+
+
+# --------------------------------------------------------------------------------------------- weight files
+
+def _read_weight_file(path: str) -> Dict[str, torch.Tensor]:
+    """A state dict from an OpenAI TorchScript archive, a torch state dict or checkpoint, or safetensors."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            is_script = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+        if is_script:
+            # OpenAI's release is a TorchScript archive: only its tensors are kept.
+            return {k: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means we refuse the file
+        raise UserError(f"{path}: cannot be read as weights with weights_only=True "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return obj
+
+
+def _from_transformers(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename a Hugging Face transformers `CLIPModel` state dict to OpenAI/open_clip names."""
+    out: Dict[str, torch.Tensor] = {}
+    towers = {"vision_model.encoder.layers.": "visual.transformer.resblocks.",
+              "text_model.encoder.layers.": "transformer.resblocks."}
+    simple = {
+        "vision_model.embeddings.class_embedding": "visual.class_embedding",
+        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+        "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+        "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+        "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+        "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
+    layer_parts = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for key, value in sd.items():
+        if key in simple:
+            out[simple[key]] = value
+        elif key == "visual_projection.weight":
+            out["visual.proj"] = value.t()
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.t()
+        elif key == "logit_scale" or key.endswith("position_ids"):
+            continue
+        else:
+            for src, dst in towers.items():
+                if key.startswith(src):
+                    idx, rest = key[len(src):].split(".", 1)
+                    if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                        kind = rest.rsplit(".", 1)[1]
+                        base = f"{src}{idx}.self_attn."
+                        if rest.startswith("self_attn.q_proj"):
+                            out[f"{dst}{idx}.attn.in_proj_{kind}"] = torch.cat(
+                                [sd[f"{base}{p}_proj.{kind}"] for p in ("q", "k", "v")])
+                        break
+                    for a, b in layer_parts.items():
+                        if rest.startswith(a + "."):
+                            out[f"{dst}{idx}.{b}.{rest[len(a) + 1:]}"] = value
+                            break
+                    break
+    return out
+
+
+def normalise_clip_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """OpenAI / open_clip / transformers CLIP weights -> open_clip names, fp32, without non-weight entries."""
+    if any(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if "vision_model.embeddings.patch_embedding.weight" in sd:
+        sd = _from_transformers(sd)
+    drop = {"input_resolution", "context_length", "vocab_size", "logit_scale", "logit_bias"}
+    return {k: v.float() for k, v in sd.items() if k not in drop and torch.is_tensor(v)}
+
+
+def resize_positional_embedding(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Interpolate a [1 + g*g, C] square-grid position embedding to `grid` (bilinear), keeping the CLS row."""
+    n = pos.shape[0] - 1
+    if n == grid[0] * grid[1]:
+        return pos
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise UserError(f"cannot interpolate a position embedding of {n} patches (not a square grid) to {grid}")
+    patches = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False)
+    return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)], dim=0)
+
+
+def resolve_pretrained_path(choice: str, pretrained_dir: str) -> Optional[str]:
+    """The weight file for `pretrain_choice`, None for a random-weight architecture name; errors name paths."""
+    if choice in ARCHITECTURES:
+        return None
+    if choice in OPENAI_NAMES:
+        fname = OPENAI_NAMES[choice]
+        tried = [os.path.join(pretrained_dir, fname), os.path.join(os.path.expanduser("~/.cache/clip"), fname)]
+        for path in tried:
+            if os.path.isfile(path):
+                return path
+        raise UserError(f"pretrained CLIP weights for '{choice}' not found; looked in {' and '.join(tried)}. "
+                        f"Copy OpenAI's {fname} there (or set --pretrain_choice to its path), or train from "
+                        f"random weights with --pretrain_choice ViT-B-16")
+    if os.path.isfile(choice):
+        return choice
+    raise UserError(f"pretrain_choice '{choice}': no such file, and not one of "
+                    f"{', '.join(list(OPENAI_NAMES) + list(ARCHITECTURES))}")
+
+
+def build_backbone(pretrain_choice: str, img_size: Sequence[int], context_length: int,
+                   pretrained_dir: str = "./pretrained") -> CLIP:
+    """Build the backbone for training: from a CLIP weight file or a random-weight architecture name."""
+    path = resolve_pretrained_path(pretrain_choice, pretrained_dir)
+    if path is None:
+        logger.warning("backbone %s starts from random weights (no pretrained CLIP)", pretrain_choice)
+        return build_clip(ARCHITECTURES[pretrain_choice], img_size, context_length)
+    sd = normalise_clip_state_dict(_read_weight_file(path))
+    shape = shape_from_state_dict(sd)
+    clip = build_clip(shape, img_size, context_length)
+    sd["visual.positional_embedding"] = resize_positional_embedding(sd["visual.positional_embedding"],
+                                                                    clip.visual.grid_size)
+    if context_length < sd["positional_embedding"].shape[0]:
+        sd["positional_embedding"] = sd["positional_embedding"][:context_length]
+    missing, unexpected = clip.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: does not match a CLIP ViT (missing {sorted(missing)[:3]}, unexpected "
+                        f"{sorted(unexpected)[:3]})")
+    logger.info("backbone loaded from %s (%d-layer ViT, width %d, patch %d)", path, shape.vision_layers,
+                shape.vision_width, shape.patch_size)
+    return clip

@@ -1,0 +1,120 @@
+"""Reading published run folders (the IRRA and PHP reference releases) into this project's model.
+
+Key names are mapped explicitly, rule by rule. A key that no rule maps and that is not on the short ignore list
+below is an error that names it. Published weights are mostly fp16; they are cast to fp32.
+
+Ignored keys, and why:
+- `safl.pos_embeding` (PHP): a parameter the reference defines but never uses.
+- `shared_transformer.resblocks.N.feed_forward.expert_count_accum` / `token_count_accum` (PHP): the reference's
+  routing counters; this project counts expert usage per evaluation instead (see model/php_head.py).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+from utils.errors import UserError
+
+PROJECT, PHP_V1, IRRA = "project", "php_v1", "irra"
+
+_BLOCK = r"^shared_transformer\.resblocks\.(\d+)\."
+_RULES: List[Tuple[str, str]] = [
+    (r"^base_model\.", "backbone."),
+    (r"^safl\.part_tokens$", "php.crfm.part_tokens"),
+    (r"^safl\.feed\.0\.", "php.crfm.ffn.norm."),
+    (r"^safl\.feed\.1\.", "php.crfm.ffn.fc1."),
+    (r"^safl\.feed\.4\.", "php.crfm.ffn.fc2."),
+    (_BLOCK + r"comb_param$", r"php.efp.blocks.\1.moe.context"),
+    (_BLOCK + r"feed_forward\.alpha$", r"php.efp.blocks.\1.moe.alpha"),
+    (_BLOCK + r"feed_forward\.input_gate\.weight$", r"php.efp.blocks.\1.moe.input_gate.weight"),
+    (_BLOCK + r"feed_forward\.task_gate\.weight$", r"php.efp.blocks.\1.moe.context_gate.weight"),
+    (_BLOCK + r"feed_forward\.experts\.(\d+)\.(norm|down|up)\.(weight|bias)$",
+     r"php.efp.blocks.\1.moe.experts.\2.\3.\4"),
+    (_BLOCK + r"(attn|ln_1|ln_2|ln_3|mlp)\.", r"php.efp.blocks.\1.\2."),
+    (r"^classifier\.", "classifier."),
+    (r"^(cross_attn|cross_modal_transformer|ln_pre_t|ln_pre_i|ln_post|mlm_head)\.", r"mlm.\1."),
+]
+_IGNORED = [r"^safl\.pos_embeding$", _BLOCK + r"feed_forward\.(expert_count_accum|token_count_accum)$"]
+
+
+def detect_layout(state_dict: Dict[str, Any], source: str) -> str:
+    keys = list(state_dict)
+    if any(k.startswith("backbone.") for k in keys):
+        return PROJECT
+    if any(k.startswith("base_model.") for k in keys):
+        return PHP_V1 if any(k.startswith(("safl.", "shared_transformer.")) for k in keys) else IRRA
+    raise UserError(f"{source}: not a checkpoint of this project, IRRA or PHP (no 'backbone.*' or "
+                    f"'base_model.*' weights; first keys: {keys[:3]})")
+
+
+def map_published_state_dict(state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:
+    """Rename a published (IRRA / PHP reference) state dict to this project's names, in fp32."""
+    out: Dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if any(re.match(p, key) for p in _IGNORED):
+            continue
+        for pattern, replacement in _RULES:
+            if re.match(pattern, key):
+                new_key = re.sub(pattern, replacement, key, count=1)
+                break
+        else:
+            unknown.append(key)
+            continue
+        value = value.float() if value.is_floating_point() else value
+        if new_key.endswith("moe.context") and value.dim() == 1:
+            value = value.unsqueeze(0)  # the reference's one shared context vector
+        out[new_key] = value
+    if unknown:
+        raise UserError(f"{source}: {len(unknown)} unexpected weight(s) in a published checkpoint: "
+                        f"{', '.join(unknown[:5])}")
+    return out
+
+
+def strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Weights saved from a DistributedDataParallel wrapper carry a 'module.' prefix."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def translate_published_config(raw: Dict[str, Any], layout: str) -> Dict[str, Any]:
+    """Config values of a published run, in this project's meaning (SPEC 8, 11)."""
+    values = dict(raw)
+    if layout == PHP_V1:
+        # How the reference trained: unmasked CRFM over text padding, one shared gate context, MLM x0.5.
+        values.setdefault("crfm_mask_padding", False)
+        values.setdefault("gate_context", "shared")
+        values["efp_attention"] = "batch"
+        if values.get("mlm_loss_weight") is not None:
+            values["mlm_loss_weight"] = 0.5 * float(values["mlm_loss_weight"])
+    elif layout == IRRA:
+        values["php_modules"] = "none"
+    return values
+
+
+def head_sizes(state_dict: Dict[str, torch.Tensor], dim: int) -> Dict[str, Any]:
+    """PHP / IRRA head options implied by the weights (the part that cannot be read is left to the config)."""
+    keys = state_dict.keys()
+
+    def count(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)})
+
+    sizes: Dict[str, Any] = {}
+    has_crfm = "php.crfm.part_tokens" in state_dict
+    has_efp = any(k.startswith("php.efp.") for k in keys)
+    sizes["php_modules"] = {(False, False): "none", (True, False): "crfm", (False, True): "efp",
+                            (True, True): "crfm+efp"}[(has_crfm, has_efp)]
+    if has_crfm:
+        sizes["cnum"] = state_dict["php.crfm.part_tokens"].shape[0]
+    if has_efp:
+        sizes["moe_layers"] = count("php.efp.blocks.")
+        sizes["num_experts"] = count("php.efp.blocks.0.moe.experts.")
+        sizes["reduction"] = dim // state_dict["php.efp.blocks.0.moe.experts.0.down.weight"].shape[0]
+        contexts = state_dict["php.efp.blocks.0.moe.context"].shape[0]
+        sizes["gate_context"] = "per_modality" if contexts == 2 else "shared"
+    if any(k.startswith("mlm.") for k in keys):
+        sizes["cmt_depth"] = count("mlm.cross_modal_transformer.resblocks.")
+    return sizes

@@ -1,0 +1,84 @@
+"""The mixture of experts inside each EFP block (SPEC 5).
+
+Each expert is a bottleneck adapter with its own residual: e(x) = x + Drop(Up(Drop(GELU(Down(LN(x)))))), which
+starts as the identity (Up is zero-initialised). The gate mixes a token term and a context term:
+logits = (1 - a) W_in x + a W_g c, with c a learnable context vector (one shared by both modalities, as in the
+reference, or one per modality) and a a learnable scalar. Each token takes its top-k experts, weighted by the
+softmax over those k logits.
+
+Load balancing: E * mean_e(p_e * f_e), p_e the mean routing probability and f_e the share of tokens that have e
+among their top k. With uniform routing this equals k / E.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+
+class Expert(nn.Module):
+    def __init__(self, dim: int, reduction: int, dropout: float = 0.1):
+        super().__init__()
+        hidden = dim // reduction
+        self.norm = nn.LayerNorm(dim)
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.up(self.drop(self.act(self.down(self.norm(x))))))
+
+
+def load_balancing_loss(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """E * mean_e(p_e * f_e) for gate logits [T, E] and the boolean top-k choice [T, E]."""
+    num_experts = logits.shape[-1]
+    p = logits.float().softmax(dim=-1).mean(dim=0)
+    f = chosen.float().mean(dim=0)
+    return num_experts * (p * f).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, num_experts: int = 4, topk: int = 2, reduction: int = 8, dropout: float = 0.1,
+                 num_contexts: int = 1):
+        super().__init__()
+        self.topk = topk
+        self.experts = nn.ModuleList(Expert(dim, reduction, dropout) for _ in range(num_experts))
+        self.input_gate = nn.Linear(dim, num_experts, bias=False)
+        self.context_gate = nn.Linear(dim, num_experts, bias=False)
+        self.context = nn.Parameter(torch.randn(num_contexts, dim))
+        self.alpha = nn.Parameter(torch.tensor(0.5))
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def forward(self, x: torch.Tensor, context_index: int = 0, valid: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., D]; valid [...] marks tokens that count for the balancing loss and usage (all by default).
+
+        Returns the output (same shape as x), the balancing loss, and the number of tokens routed to each expert.
+        """
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        context = self.context[context_index].to(tokens.dtype)
+        logits = (1 - self.alpha) * self.input_gate(tokens) + self.alpha * self.context_gate(context)
+        top_logits, top_index = logits.topk(self.topk, dim=-1)
+        weights = top_logits.float().softmax(dim=-1).to(tokens.dtype)
+        gates = torch.zeros_like(logits).scatter(-1, top_index, weights)
+        # Every expert runs on every token: with K part tokens per sample the dense form is cheap, needs no
+        # data-dependent indexing, and keeps all experts in the graph (which DDP requires).
+        outputs = torch.stack([expert(tokens) for expert in self.experts], dim=-2)
+        out = (gates.unsqueeze(-1) * outputs).sum(dim=-2)
+        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_index, True)
+        if valid is not None:
+            keep = valid.reshape(-1)
+            logits, chosen = logits[keep], chosen[keep]
+        aux = load_balancing_loss(logits, chosen)
+        return out.reshape(shape), aux, chosen.sum(dim=0)

@@ -1,0 +1,303 @@
+"""The model: shapes, batch independence, every loss against hand-computed values, MoE routing, round trips."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import build_model, load_model
+from model import losses
+from model.backbone import (build_clip, ARCHITECTURES, normalise_clip_state_dict, resize_positional_embedding,
+                            build_backbone)
+from model.checkpoint_compat import map_published_state_dict
+from model.loading import CompatibilityWarning
+from model.moe import MoE
+from published_layout import SMALL, published_state_dict, write_published_run
+from utils.checkpoint import save_checkpoint
+from utils.config import build_config, save_config
+from utils.errors import UserError
+
+TINY = {"pretrain_choice": "ViT-Tiny", "img_size": [32, 16], "text_length": 16, "moe_layers": 2, "cnum": 3}
+
+
+def tiny_cfg(**kw):
+    return build_config(None, {**TINY, **kw})
+
+
+def captions(n, length=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(n, length, dtype=torch.long)
+    for i in range(n):
+        words = int(torch.randint(2, length - 2, (1,), generator=g))
+        ids[i, 0] = 49406
+        ids[i, 1:1 + words] = torch.randint(1, 49405, (words,), generator=g)
+        ids[i, 1 + words] = 49407
+    return ids
+
+
+def batch(n=4, seed=0, mlm=False):
+    g = torch.Generator().manual_seed(seed)
+    out = {"images": torch.randn(n, 3, 32, 16, generator=g), "caption_ids": captions(n, seed=seed),
+           "pids": torch.arange(n) // 2}
+    if mlm:
+        out["mlm_ids"] = out["caption_ids"].clone()
+        out["mlm_labels"] = torch.zeros_like(out["caption_ids"])
+        out["mlm_labels"][:, 1] = out["caption_ids"][:, 1]
+        out["mlm_ids"][:, 1] = 49405
+    return out
+
+
+def test_shapes_and_loss_keys():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(loss_names="sdm+itc+aux+id+mlm+cmpm"), num_classes=2)
+    b = batch(mlm=True)
+    assert model.encode_image(b["images"]).shape == (4, 64)
+    assert model.encode_text(b["caption_ids"]).dtype == torch.float32
+    out = model(b)
+    for key in ("sdm_loss", "itc_loss", "aux_loss", "id_loss", "mlm_loss", "cmpm_loss", "img_acc", "txt_acc",
+                "mlm_acc", "temperature"):
+        assert key in out and torch.isfinite(out[key]).all(), key
+    total = sum(v for k, v in out.items() if k.endswith("_loss"))
+    total.backward()
+    assert model.php.crfm.part_tokens.grad is not None
+
+
+@pytest.mark.parametrize("modules", ["none", "crfm", "efp", "crfm+efp"])
+def test_embedding_independent_of_batch_mates(modules):
+    torch.manual_seed(0)
+    losses_ = "sdm+itc+aux" if "efp" in modules else "sdm+itc"
+    model = build_model(tiny_cfg(php_modules=modules, loss_names=losses_)).eval()
+    b = batch(6)
+    with torch.no_grad():
+        full_i, full_t = model.encode_image(b["images"]), model.encode_text(b["caption_ids"])
+        one_i = torch.cat([model.encode_image(b["images"][k:k + 1]) for k in range(6)])
+        one_t = torch.cat([model.encode_text(b["caption_ids"][k:k + 1]) for k in range(6)])
+    assert torch.allclose(full_i, one_i, atol=1e-5) and torch.allclose(full_t, one_t, atol=1e-5)
+
+
+def test_batch_mode_depends_on_batch_mates():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(efp_attention="batch")).eval()
+    # Random weights start each expert as the identity; perturb them so the attention matters visibly.
+    with torch.no_grad():
+        for p in model.php.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        b = batch(6)
+        full = model.encode_image(b["images"])
+        single = torch.cat([model.encode_image(b["images"][k:k + 1]) for k in range(6)])
+    assert (full - single).norm(dim=1).max() > 1e-3
+
+
+def test_itc_hand_computed():
+    i = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # normalisation makes these the same directions
+    s = 2.0
+    expected = math.log(1 + math.exp(-s))
+    assert losses.itc_loss(i, t, s).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_sdm_hand_computed():
+    i = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pids = torch.tensor([7, 7])  # same identity: target 1/2 everywhere
+    s = 1.0
+    p = [math.e / (math.e + 1), 1 / (math.e + 1)]
+    row = sum(pj * (math.log(pj) - math.log(0.5 + 1e-8)) for pj in p)
+    assert losses.sdm_loss(i, t, pids, s).item() == pytest.approx(2 * row, rel=1e-5)
+    # Different identities: target is the identity matrix, so the KL against it is large but finite.
+    different = losses.sdm_loss(i, t, torch.tensor([1, 2]), s).item()
+    q_row = p[0] * (math.log(p[0]) - math.log(1 + 1e-8)) + p[1] * (math.log(p[1]) - math.log(1e-8))
+    assert different == pytest.approx(2 * q_row, rel=1e-5)
+
+
+def test_cmpm_hand_computed():
+    i = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pids = torch.tensor([0, 1])
+    # image_proj_text = i @ norm(t).T = [[2,0],[0,1]]; text_proj_image = t @ norm(i).T = [[1,0],[0,1]]
+    def kl_row(logits, target_index):
+        z = sum(math.exp(v) for v in logits)
+        p = [math.exp(v) / z for v in logits]
+        return sum(pj * (math.log(pj) - math.log((1.0 if j == target_index else 0.0) + 1e-8))
+                   for j, pj in enumerate(p))
+    i2t = (kl_row([2, 0], 0) + kl_row([0, 1], 1)) / 2
+    t2i = (kl_row([1, 0], 0) + kl_row([0, 1], 1)) / 2
+    assert losses.cmpm_loss(i, t, pids).item() == pytest.approx(i2t + t2i, rel=1e-5)
+
+
+def test_id_and_mlm_hand_computed():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    pids = torch.tensor([0, 1])
+    ce0 = -math.log(math.exp(2) / (math.exp(2) + 1))
+    ce1 = math.log(2)
+    assert losses.id_loss(logits, logits, pids).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+    assert losses.mlm_loss(logits, pids).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+
+
+def test_moe_routing_and_balancing():
+    torch.manual_seed(0)
+    moe = MoE(dim=8, num_experts=4, topk=2, reduction=2).eval()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        for e in moe.experts:  # make every expert distinct
+            e.up.weight.normal_()
+        moe.input_gate.weight.zero_()
+        moe.context_gate.weight.zero_()
+        # Gate logits depend on the context only: expert 2 gets 3*a, expert 0 gets 1*a, others 0.
+        moe.context.zero_()
+        moe.context[0, 0] = 1.0
+        moe.context_gate.weight[2, 0] = 3.0
+        moe.context_gate.weight[0, 0] = 1.0
+        out, aux, counts = moe(x)
+    a = 0.5
+    w = torch.softmax(torch.tensor([3 * a, 1 * a]), dim=0)
+    expected = w[0] * moe.experts[2](x) + w[1] * moe.experts[0](x)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert counts.tolist() == [5, 0, 5, 0]
+    # p = softmax([1.5, 0, 0.5, 0]) for every token, f = [1, 0, 1, 0]
+    p = torch.softmax(torch.tensor([0.5, 0.0, 1.5, 0.0]), dim=0)
+    assert aux.item() == pytest.approx(4 * ((p * torch.tensor([1.0, 0, 1, 0])).mean()).item(), rel=1e-6)
+
+
+def test_balancing_loss_uniform_routing_is_k_over_e():
+    moe = MoE(dim=8, num_experts=4, topk=2, reduction=2)
+    with torch.no_grad():
+        moe.input_gate.weight.zero_()
+        moe.context_gate.weight.zero_()
+    _, aux, _ = moe(torch.randn(10, 8))
+    assert aux.item() == pytest.approx(2 / 4)
+
+
+def test_experts_start_as_identity_and_usage_is_counted():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).eval()
+    expert = model.php.efp.blocks[0].moe.experts[0]
+    x = torch.randn(3, 64)
+    assert torch.equal(expert(x), x)
+    model.reset_expert_usage()
+    with torch.no_grad():
+        model.encode_image(batch(4)["images"])
+    usage = model.expert_usage()
+    assert set(usage) == {"image"}
+    assert usage["image"].shape == (2, 4)
+    assert usage["image"].sum(dim=1).tolist() == [4 * 3 * 2] * 2  # 4 samples x 3 parts x top-2
+
+
+def test_text_padding_mask_changes_crfm_only_when_enabled():
+    torch.manual_seed(0)
+    masked = build_model(tiny_cfg(crfm_mask_padding=True)).eval()
+    unmasked = build_model(tiny_cfg(crfm_mask_padding=False)).eval()
+    unmasked.load_state_dict(masked.state_dict())
+    ids = captions(2)
+    longer = torch.cat([ids, torch.zeros(2, 8, dtype=torch.long)], dim=1)[:, :16]
+    with torch.no_grad():
+        assert torch.allclose(masked.encode_text(ids), masked.encode_text(longer))
+        assert not torch.allclose(masked.encode_text(ids), unmasked.encode_text(ids))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(loss_names="sdm+id+mlm", php_modules="crfm+efp", name="rt", output_dir=str(tmp_path))
+    model = build_model(cfg, num_classes=3).eval()
+    run = tmp_path / "run"
+    save_config(cfg, str(run / "configs.yaml"))
+    save_checkpoint({"model": model.state_dict(), "epoch": 1}, str(run / "best.pth"))
+    loaded = load_model(str(run / "configs.yaml"))
+    b = batch(3)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(b["images"]), loaded.encode_image(b["images"]))
+        assert torch.equal(model.encode_text(b["caption_ids"]), loaded.encode_text(b["caption_ids"]))
+    assert loaded.compat == "none" and loaded.layout == "project"
+
+
+def test_published_php_layout_loads_and_warns(tmp_path):
+    cfg_file = write_published_run(str(tmp_path / "php"), "php_v1")
+    with pytest.warns(CompatibilityWarning, match="ACROSS THE BATCH"):
+        model = load_model(cfg_file)
+    assert model.compat == "php_v1" and model.cfg.cnum == 9 and model.cfg.moe_layers == SMALL["moe_layers"]
+    assert model.loss_weights == {"sdm": 1.0, "itc": 5.0, "aux": 3.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompatibilityWarning)
+        independent = load_model(cfg_file, compat="none")
+    assert independent.compat == "none"
+    images = torch.randn(4, 3, *SMALL["img_size"])
+    with torch.no_grad():
+        moved = model.encode_image(images)[:2] - model.encode_image(images[:2])
+        same = independent.encode_image(images)[:2] - independent.encode_image(images[:2])
+    assert moved.norm() > 1e-3 and same.norm() < 1e-4
+
+
+def test_published_irra_layout_loads(tmp_path):
+    cfg_file = write_published_run(str(tmp_path / "irra"), "irra")
+    model = load_model(cfg_file)
+    assert model.php is None and model.classifier.out_features == SMALL["num_classes"]
+    assert model.mlm is not None and model.compat == "none"
+    state = published_state_dict("irra", SMALL)
+    w = state["base_model.visual.proj"].float()
+    assert torch.equal(model.backbone.visual.proj.detach(), w)
+
+
+def test_full_size_published_layouts_map_onto_the_model():
+    for kind, overrides in (("php_v1", {}), ("irra", {"loss_names": "sdm+id+mlm", "php_modules": "none"})):
+        mapped = map_published_state_dict(published_state_dict(kind, device="meta"), kind)
+        cfg = build_config(None, {"pretrain_choice": "ViT-B-16", **overrides})
+        with torch.device("meta"):
+            model = build_model(cfg, num_classes=11003)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in mapped.items()}
+        assert got == expected
+
+
+def test_unknown_published_key_is_named(tmp_path):
+    state = published_state_dict("irra", SMALL)
+    state["surprise.weight"] = torch.zeros(1)
+    with pytest.raises(UserError, match="surprise.weight"):
+        map_published_state_dict(state, "ckpt")
+
+
+def test_missing_pretrained_file_names_paths(tmp_path):
+    with pytest.raises(UserError, match="ViT-B-16.pt"):
+        build_backbone("ViT-B/16", (64, 32), 77, pretrained_dir=str(tmp_path))
+
+
+def test_backbone_from_openai_and_transformers_files(tmp_path):
+    torch.manual_seed(0)
+    source = build_clip(ARCHITECTURES["ViT-Tiny"], (32, 32), 77)  # a square 2x2 grid, like OpenAI's release
+    torch.save(source.state_dict(), tmp_path / "clip.pt")
+    clip = build_backbone(str(tmp_path / "clip.pt"), (64, 32), 77)
+    assert clip.visual.positional_embedding.shape == (1 + 8, 64)
+    expected = resize_positional_embedding(source.visual.positional_embedding.detach(), (4, 2))
+    assert torch.allclose(clip.visual.positional_embedding, expected)
+    # A Hugging Face transformers layout of the same weights gives the same model.
+    sd = source.state_dict()
+    hf = {"visual_projection.weight": sd["visual.proj"].t(), "text_projection.weight": sd["text_projection"].t(),
+          "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
+          "vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
+          "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
+          "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
+          "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
+          "vision_model.pre_layrnorm.weight": sd["visual.ln_pre.weight"],
+          "vision_model.pre_layrnorm.bias": sd["visual.ln_pre.bias"],
+          "vision_model.post_layernorm.weight": sd["visual.ln_post.weight"],
+          "vision_model.post_layernorm.bias": sd["visual.ln_post.bias"],
+          "text_model.final_layer_norm.weight": sd["ln_final.weight"],
+          "text_model.final_layer_norm.bias": sd["ln_final.bias"]}
+    for tower, prefix in (("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+                          ("transformer.resblocks.", "text_model.encoder.layers.")):
+        for n in range(2):
+            src = f"{tower}{n}."
+            dst = f"{prefix}{n}."
+            for kind in ("weight", "bias"):
+                q, k, v = sd[f"{src}attn.in_proj_{kind}"].chunk(3)
+                hf[f"{dst}self_attn.q_proj.{kind}"], hf[f"{dst}self_attn.k_proj.{kind}"] = q, k
+                hf[f"{dst}self_attn.v_proj.{kind}"] = v
+                hf[f"{dst}self_attn.out_proj.{kind}"] = sd[f"{src}attn.out_proj.{kind}"]
+                hf[f"{dst}layer_norm1.{kind}"] = sd[f"{src}ln_1.{kind}"]
+                hf[f"{dst}layer_norm2.{kind}"] = sd[f"{src}ln_2.{kind}"]
+                hf[f"{dst}mlp.fc1.{kind}"] = sd[f"{src}mlp.c_fc.{kind}"]
+                hf[f"{dst}mlp.fc2.{kind}"] = sd[f"{src}mlp.c_proj.{kind}"]
+    converted = normalise_clip_state_dict(hf)
+    assert set(converted) == set(normalise_clip_state_dict(dict(sd)))
+    for key, value in normalise_clip_state_dict(dict(sd)).items():
+        assert torch.equal(converted[key], value), key
