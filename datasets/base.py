@@ -1,0 +1,259 @@
+"""Loading and checking of the annotation files, and the data set object every format ends up as.
+
+All checks run up front, before any training, and each failure is one `UserError` line that names the file,
+entry, key or path at fault. Image existence is checked by listing each image folder once (`os.scandir`), which
+keeps the check of ~40k CUHK-PEDES images well under a second.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+from prettytable import PrettyTable
+
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+TrainPair = Tuple[int, int, str, str]  # (pid, image_id, img_path, caption)
+
+
+@dataclass(frozen=True)
+class AnnotationFormat:
+    """How one data set lays out its folder and annotation file."""
+
+    name: str                          # data set name, e.g. "CUHK-PEDES"
+    folder: str                        # folder under the data root
+    annotation_files: Tuple[str, ...]  # accepted annotation file names; the first is the canonical one
+    path_key: str                      # entry key holding the image path relative to imgs/
+    splits: Tuple[str, ...] = SPLITS   # split values allowed in the file
+
+    def expected_layout(self, root_dir: str) -> str:
+        base = os.path.join(root_dir, self.folder)
+        names = " (or ".join(self.annotation_files) + ")" * (len(self.annotation_files) - 1)
+        return f"expected {os.path.join(base, 'imgs')}{os.sep} and {os.path.join(base, names)}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One annotated image, as read from the file."""
+
+    pid: int
+    rel_path: str
+    captions: Tuple[str, ...]
+    split: str
+
+
+def empty_split() -> Dict[str, list]:
+    return {"image_pids": [], "img_paths": [], "caption_pids": [], "captions": []}
+
+
+class PedesDataset:
+    """A parsed data set: training pairs and the evaluation splits.
+
+    `train` holds `(pid, image_id, img_path, caption)` tuples with pids contiguous from 0 (ordered by original id)
+    and image ids contiguous per image; `train_id_map[pid]` is the original id. `val` and `test` are dicts of
+    lists: `image_pids`, `img_paths` (the gallery) and `caption_pids`, `captions` (the queries), with the
+    original ids as pids.
+    """
+
+    def __init__(self, name: str, dataset_dir: str, train: List[TrainPair], val: Dict[str, list],
+                 test: Dict[str, list], train_id_map: Dict[int, int]):
+        self.name = name
+        self.dataset_dir = dataset_dir
+        self.train = train
+        self.val = val
+        self.test = test
+        self.train_id_map = train_id_map
+        self.num_classes = len(train_id_map)
+
+    def statistics(self) -> Dict[str, Tuple[int, int, int]]:
+        """(identities, images, captions) per split."""
+        stats = {"train": (self.num_classes, len({p[1] for p in self.train}), len(self.train))}
+        for split, d in (("val", self.val), ("test", self.test)):
+            stats[split] = (len(set(d["image_pids"])), len(d["img_paths"]), len(d["captions"]))
+        return stats
+
+    def summary(self) -> PrettyTable:
+        """A table with rows train/val/test and columns ids, images, captions."""
+        table = PrettyTable(["subset", "ids", "images", "captions"])
+        table.title = self.name
+        for split, (ids, images, captions) in self.statistics().items():
+            table.add_row([split, ids, images, captions])
+        return table
+
+
+def locate(fmt: AnnotationFormat, root_dir: str) -> Tuple[str, str]:
+    """Check the folder layout; return (dataset_dir, annotation file path)."""
+    layout = fmt.expected_layout(root_dir)
+    dataset_dir = os.path.join(root_dir, fmt.folder)
+    if not os.path.isdir(root_dir):
+        raise UserError(f"data root {root_dir} does not exist or is not a folder; {layout}")
+    if not os.path.isdir(dataset_dir):
+        raise UserError(f"data set folder {dataset_dir} does not exist; {layout}")
+    if not os.path.isdir(os.path.join(dataset_dir, "imgs")):
+        raise UserError(f"image folder {os.path.join(dataset_dir, 'imgs')} does not exist; {layout}")
+    for name in fmt.annotation_files:
+        path = os.path.join(dataset_dir, name)
+        if os.path.isfile(path):
+            return dataset_dir, path
+    raise UserError(f"annotation file {os.path.join(dataset_dir, fmt.annotation_files[0])} does not exist; "
+                    f"{layout}")
+
+
+def read_json_list(path: str) -> list:
+    """Parse a JSON file that must hold a list; errors name the file (and line/column for syntax errors)."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read: {e.strerror}") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of entries (one per image), got a {_json_type(data)}")
+    return data
+
+
+def _json_type(value) -> str:
+    names = {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def parse_entries(data: list, path: str, fmt: AnnotationFormat) -> List[Entry]:
+    """Check every entry's keys and types; return them as `Entry` objects in file order."""
+    needed = ("id", fmt.path_key, "captions", "split")
+    path_key, splits = fmt.path_key, fmt.splits
+    entries = []
+    for i, item in enumerate(data):
+        try:
+            pid, rel, captions, split = item["id"], item[path_key], item["captions"], item["split"]
+        except (TypeError, KeyError):
+            _raise_shape_error(item, f"{path}: entry {i} (counting from 0)", needed)
+        if type(pid) is not int or type(rel) is not str or not rel or type(captions) is not list \
+                or not all(type(c) is str for c in captions) or split not in splits:
+            _raise_value_error(pid, rel, captions, split, f"{path}: entry {i} (counting from 0)", fmt)
+        entries.append(Entry(pid, rel, tuple(captions), split))
+    return entries
+
+
+def _raise_shape_error(item, where: str, needed: Tuple[str, ...]) -> None:
+    if not isinstance(item, dict):
+        raise UserError(f"{where} is a {_json_type(item)}, expected a mapping with keys {', '.join(needed)}")
+    missing = next(k for k in needed if k not in item)
+    raise UserError(f"{where} lacks the key '{missing}' (needed: {', '.join(needed)})")
+
+
+def _raise_value_error(pid, rel, captions, split, where: str, fmt: AnnotationFormat) -> None:
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise UserError(f"{where}: 'id' must be an integer, got {_json_type(pid)} {pid!r}")
+    if not isinstance(rel, str) or not rel:
+        raise UserError(f"{where}: '{fmt.path_key}' must be a non-empty string, got {_json_type(rel)} {rel!r}")
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise UserError(f"{where}: 'captions' must be a list of strings, got {_describe_list(captions)}")
+    raise UserError(f"{where}: unknown split {split!r}; expected one of {', '.join(fmt.splits)}")
+
+
+def _describe_list(value) -> str:
+    if not isinstance(value, list):
+        return f"a {_json_type(value)}"
+    bad = next(c for c in value if not isinstance(c, str))
+    return f"a list holding a {_json_type(bad)} ({bad!r})"
+
+
+class DirectoryListing:
+    """Answers 'does this file exist' by listing each folder once (cached), not one stat per file."""
+
+    def __init__(self) -> None:
+        self._names: Dict[str, Set[str]] = {}
+
+    def exists(self, path: str) -> bool:
+        folder, name = os.path.split(path)
+        names = self._names.get(folder)
+        if names is None:
+            try:
+                with os.scandir(folder or ".") as it:
+                    names = {e.name for e in it if not e.is_dir()}
+            except OSError:
+                names = set()
+            self._names[folder] = names
+        return name in names
+
+
+def drop_missing_images(entries: List[Entry], img_dir: str, ann_path: str, skip: bool) -> List[Entry]:
+    """Raise (or, with `skip`, warn and drop) for entries whose image file is absent."""
+    listing = DirectoryListing()
+    missing = [e for e in entries if not listing.exists(os.path.join(img_dir, e.rel_path))]
+    if not missing:
+        return entries
+    first = ", ".join(os.path.join(img_dir, e.rel_path) for e in missing[:3])
+    more = ", ..." if len(missing) > 3 else ""
+    if not skip:
+        raise UserError(f"{len(missing)} image(s) listed in {ann_path} are missing: {first}{more}; "
+                        f"restore them or pass --skip_missing_images true to drop them")
+    message = f"dropping {len(missing)} image(s) listed in {ann_path} but missing: {first}{more}"
+    logger.warning(message)
+    warnings.warn(message, stacklevel=3)
+    gone = {id(e) for e in missing}
+    return [e for e in entries if id(e) not in gone]
+
+
+def build_splits(name: str, dataset_dir: str, entries: Sequence[Entry], val_holdout_ids: int = 0,
+                 source: Optional[str] = None) -> PedesDataset:
+    """Group entries by split, remap training ids, optionally hold out the last training identities as val."""
+    img_dir = os.path.join(dataset_dir, "imgs")
+    by_split: Dict[str, List[Entry]] = {s: [] for s in SPLITS}
+    for e in entries:
+        by_split[e.split].append(e)
+    if val_holdout_ids < 0:
+        raise UserError(f"val_holdout_ids must be 0 or more; got {val_holdout_ids}")
+    if val_holdout_ids > 0:
+        by_split["train"], by_split["val"] = _hold_out(by_split["train"], by_split["val"], val_holdout_ids,
+                                                       source or name)
+
+    train_ids = sorted({e.pid for e in by_split["train"]})
+    label = {pid: i for i, pid in enumerate(train_ids)}
+    train: List[TrainPair] = []
+    for image_id, e in enumerate(by_split["train"]):
+        path = os.path.join(img_dir, e.rel_path)
+        train.extend((label[e.pid], image_id, path, c) for c in e.captions)
+
+    def eval_split(items: List[Entry]) -> Dict[str, list]:
+        d = empty_split()
+        for e in items:
+            d["image_pids"].append(e.pid)
+            d["img_paths"].append(os.path.join(img_dir, e.rel_path))
+            d["caption_pids"].extend([e.pid] * len(e.captions))
+            d["captions"].extend(e.captions)
+        return d
+
+    return PedesDataset(name, dataset_dir, train, eval_split(by_split["val"]), eval_split(by_split["test"]),
+                        dict(enumerate(train_ids)))
+
+
+def _hold_out(train: List[Entry], val: List[Entry], n: int, source: str) -> Tuple[List[Entry], List[Entry]]:
+    if val:
+        raise UserError(f"{source} already has a val split ({len(val)} images); val_holdout_ids must be 0")
+    ids = sorted({e.pid for e in train})
+    if n >= len(ids):
+        raise UserError(f"val_holdout_ids ({n}) must be smaller than the number of training identities "
+                        f"({len(ids)}) of {source}")
+    held = set(ids[-n:])
+    return [e for e in train if e.pid not in held], [e for e in train if e.pid in held]
+
+
+def load_pedes(fmt: AnnotationFormat, root_dir: str, *, val_holdout_ids: int = 0, skip_missing_images: bool = False,
+               check_images: bool = True) -> PedesDataset:
+    """Locate, parse and check one data set in `fmt`'s layout under `root_dir`."""
+    dataset_dir, ann_path = locate(fmt, root_dir)
+    entries = parse_entries(read_json_list(ann_path), ann_path, fmt)
+    if check_images:
+        entries = drop_missing_images(entries, os.path.join(dataset_dir, "imgs"), ann_path, skip_missing_images)
+    return build_splits(fmt.name, dataset_dir, entries, val_holdout_ids, source=ann_path)

@@ -1,0 +1,135 @@
+"""torch Datasets: training image-caption pairs (with optional MLM inputs), and the evaluation images and texts.
+
+Reproducibility: every random choice of a training item (augmentation, MLM masking) is a pure function of
+(seed, epoch, index). Each item runs its transform and masking under a forked torch RNG seeded from those three
+numbers, so items are identical for any number of workers and after a resume, and the global RNG (dropout,
+initialisation) is left untouched.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from utils.errors import UserError
+from utils.tokenizer import mask_tokens, tokenize
+
+
+def read_image(path: str) -> Image.Image:
+    """Open an image as RGB; a file that cannot be opened or decoded raises UserError naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed mixing (seed, epoch, index) so that neighbouring triples give unrelated streams."""
+    state = np.random.SeedSequence([seed % 2**63, epoch % 2**63, index]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+class _Captions:
+    """Captions tokenised on first use, cached per caption index (per worker process)."""
+
+    def __init__(self, captions: Sequence[str], text_length: int):
+        self.captions = captions
+        self.text_length = text_length
+        self._cache: Dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        ids = self._cache.get(i)
+        if ids is None:
+            ids = tokenize(self.captions[i], self.text_length, truncate=True)[0]
+            self._cache[i] = ids
+        return ids
+
+    def __getstate__(self):
+        # The cache is rebuilt in each worker rather than pickled to it.
+        return {"captions": self.captions, "text_length": self.text_length, "_cache": {}}
+
+
+class ImageTextDataset(Dataset):
+    """Training pairs `(pid, image_id, img_path, caption)` -> dict of `pids`, `image_ids`, `images`,
+    `caption_ids` and, with `mlm`, `mlm_ids` and `mlm_labels` (SPEC 3)."""
+
+    def __init__(self, pairs: Sequence[Tuple[int, int, str, str]], transform: Optional[Callable] = None,
+                 text_length: int = 77, mlm: bool = False, mask_rate: float = 0.15, replace_mask: float = 0.8,
+                 replace_random: float = 0.1, seed: int = 0):
+        self.pairs = pairs
+        self.transform = transform
+        self.mlm = mlm
+        self.mask_rate = mask_rate
+        self.replace_mask = replace_mask
+        self.replace_random = replace_random
+        self.seed = seed
+        self.epoch = 0
+        self.caption_ids = _Captions([p[3] for p in pairs], text_length)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random augmentation and masking the items use."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> Dict[str, object]:
+        pid, image_id, img_path, _ = self.pairs[index]
+        img = read_image(img_path)
+        caption_ids = self.caption_ids[index]
+        item: Dict[str, object] = {"pids": pid, "image_ids": image_id, "caption_ids": caption_ids}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed(self.seed, self.epoch, index))
+            item["images"] = self.transform(img) if self.transform is not None else img
+            if self.mlm:
+                item["mlm_ids"], item["mlm_labels"] = mask_tokens(
+                    caption_ids, mask_rate=self.mask_rate, replace_mask=self.replace_mask,
+                    replace_random=self.replace_random)
+        return item
+
+
+class ImageDataset(Dataset):
+    """Evaluation gallery: -> dict of `pids`, `images` in file order."""
+
+    def __init__(self, pids: Sequence[int], img_paths: Sequence[str], transform: Optional[Callable] = None):
+        if len(pids) != len(img_paths):
+            raise ValueError(f"{len(pids)} pids for {len(img_paths)} images")
+        self.pids = pids
+        self.img_paths = img_paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.img_paths)
+
+    def __getitem__(self, index: int) -> Dict[str, object]:
+        img = read_image(self.img_paths[index])
+        return {"pids": self.pids[index], "images": self.transform(img) if self.transform is not None else img}
+
+
+class TextDataset(Dataset):
+    """Evaluation queries: -> dict of `pids`, `caption_ids` in file order."""
+
+    def __init__(self, pids: Sequence[int], captions: Sequence[str], text_length: int = 77):
+        if len(pids) != len(captions):
+            raise ValueError(f"{len(pids)} pids for {len(captions)} captions")
+        self.pids = pids
+        self.caption_ids = _Captions(list(captions), text_length)
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+    def __getitem__(self, index: int) -> Dict[str, object]:
+        return {"pids": self.pids[index], "caption_ids": self.caption_ids[index]}
+
+
+def mlm_options(masked_token_rate: float, masked_token_unchanged_rate: float) -> Dict[str, float]:
+    """ImageTextDataset keyword arguments from the config's MLM rates (the rest are random replacements)."""
+    replace_random = 1.0 - masked_token_rate - masked_token_unchanged_rate
+    if masked_token_rate < 0 or masked_token_unchanged_rate < 0 or replace_random < -1e-9:
+        raise UserError(f"masked_token_rate ({masked_token_rate}) and masked_token_unchanged_rate "
+                        f"({masked_token_unchanged_rate}) must be non-negative and sum to at most 1")
+    return {"replace_mask": masked_token_rate, "replace_random": max(replace_random, 0.0)}

@@ -1,0 +1,82 @@
+"""Batch collation and the training / evaluation DataLoaders built from the run config."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from datasets.base import PedesDataset
+from datasets.image_text import ImageDataset, ImageTextDataset, TextDataset, mlm_options
+from datasets.samplers import RandomIdentitySampler, ShuffleSampler
+from datasets.transforms import build_transforms
+from utils.errors import UserError
+
+
+def collate(batch: List[Dict[str, object]]) -> Dict[str, object]:
+    """Stack a list of item dicts: tensors are stacked, ints become a LongTensor, anything else a list."""
+    out: Dict[str, object] = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], int):
+            out[key] = torch.tensor(values, dtype=torch.long)
+        else:
+            out[key] = values
+    return out
+
+
+def per_process_batch_size(cfg, world_size: int) -> int:
+    """cfg.batch_size split over processes when its scope is 'global', else as given."""
+    if getattr(cfg, "batch_size_scope", "global") != "global":
+        return cfg.batch_size
+    if cfg.batch_size % world_size:
+        raise UserError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes "
+                        f"({world_size}) when batch_size_scope is 'global'")
+    return cfg.batch_size // world_size
+
+
+def build_train_loader(cfg, dataset: PedesDataset, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """The training DataLoader over `dataset.train` (augmented images, tokens, MLM inputs when 'mlm' is a loss).
+
+    The sampler follows `cfg.sampler`; both it and the data set are seeded from `cfg.seed` and the epoch, which
+    `set_loader_epoch` sets before each epoch (workers are not persistent, so it takes effect).
+    """
+    if not dataset.train:
+        raise UserError(f"{dataset.name}: the train split is empty")
+    batch_size = per_process_batch_size(cfg, world_size)
+    transform = build_transforms(cfg.img_size, is_train=True, aug=cfg.img_aug)
+    train_set = ImageTextDataset(dataset.train, transform, cfg.text_length, mlm="mlm" in cfg.losses,
+                                 seed=cfg.seed, **mlm_options(cfg.masked_token_rate, cfg.masked_token_unchanged_rate))
+    if cfg.sampler == "identity":
+        sampler = RandomIdentitySampler([p[0] for p in dataset.train], batch_size, cfg.num_instance, cfg.seed,
+                                        num_replicas=world_size, rank=rank)
+    else:
+        sampler = ShuffleSampler(len(train_set), cfg.seed, num_replicas=world_size, rank=rank)
+    return DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                      collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
+                      persistent_workers=False, generator=_loader_generator(cfg.seed))
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Point the training loader's data set (augmentation, masking) and sampler (order) at `epoch`."""
+    loader.dataset.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch)
+
+
+def build_eval_loaders(cfg, split: Dict[str, list]) -> Tuple[DataLoader, DataLoader]:
+    """(image loader, text loader) over an evaluation split, in file order, with the eval transform."""
+    transform = build_transforms(cfg.img_size, is_train=False)
+    images = ImageDataset(split["image_pids"], split["img_paths"], transform)
+    texts = TextDataset(split["caption_pids"], split["captions"], cfg.text_length)
+    kwargs = dict(batch_size=cfg.test_batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate,
+                  pin_memory=torch.cuda.is_available())
+    return DataLoader(images, **kwargs), DataLoader(texts, **kwargs)
+
+
+def _loader_generator(seed: int) -> torch.Generator:
+    # DataLoader draws its workers' base seed from this generator; giving it one keeps the global RNG untouched.
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
