@@ -1,0 +1,198 @@
+"""The training loop: autocast with fp32 master weights, per-epoch evaluation, crash-safe checkpoints, resume.
+
+Reproducibility: the sampler order and every augmentation / masking draw are functions of (seed, epoch, index)
+(see datasets/), and the global RNG (dropout) is re-seeded from (seed, epoch) at the start of each epoch. A run
+resumed from `last.pth` therefore continues bit for bit as if it had never stopped (on the same device).
+
+Checkpoints keep the reference layout (`ckpt["model"]` is the state dict) plus what resuming needs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from datasets.loaders import set_loader_epoch
+from solver import build_lr_scheduler, build_optimizer, describe_param_groups
+from utils import distributed as dist_utils
+from utils.checkpoint import read_checkpoint, save_checkpoint
+from utils.config import Config
+from utils.env import autocast, epoch_seed
+from utils.errors import UserError
+
+logger = logging.getLogger("php")
+FORMAT_VERSION = 1
+
+
+class NonFiniteLossError(UserError):
+    exit_code = 4
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model: torch.nn.Module, train_loader, evaluator, run_dir: str,
+                 device: torch.device, rank: int = 0, world_size: int = 1):
+        self.cfg, self.train_loader, self.evaluator = cfg, train_loader, evaluator
+        self.run_dir, self.device, self.rank, self.world_size = run_dir, device, rank, world_size
+        self.module = model
+        self.model = dist_utils.wrap_model(model, device) if world_size > 1 else model
+        self.optimizer = build_optimizer(cfg, model)
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.start_epoch = 1
+        self.best_r1, self.best_epoch = -1.0, 0
+        self.nonfinite_steps = 0
+        self.history: List[dict] = []
+        self.writer = None
+        if rank == 0:
+            logger.info("parameter groups:\n%s", describe_param_groups(self.optimizer))
+
+    # ------------------------------------------------------------------------------------------ state
+    def state(self, epoch: int) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+                "best_r1": self.best_r1, "best_epoch": self.best_epoch, "nonfinite_steps": self.nonfinite_steps,
+                "history": self.history, "config": self.cfg.to_dict(), "format_version": FORMAT_VERSION,
+                "rng": {"torch": torch.get_rng_state()}}
+
+    def resume(self, path: str) -> bool:
+        """Restore everything from `path`; returns False when that run already finished all its epochs."""
+        ckpt = read_checkpoint(path)
+        if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION or "optimizer" not in ckpt:
+            raise UserError(f"{path}: not a resumable checkpoint of this project (use a last.pth it wrote)")
+        self.module.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.best_r1, self.best_epoch = ckpt["best_r1"], ckpt["best_epoch"]
+        self.nonfinite_steps, self.history = ckpt["nonfinite_steps"], list(ckpt["history"])
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        if self.rank == 0:
+            logger.info("resumed from %s after epoch %d (best R1 %.2f at epoch %d)", path, ckpt["epoch"],
+                        self.best_r1, self.best_epoch)
+        return self.start_epoch <= self.cfg.num_epoch
+
+    def _save(self, epoch: int, improved: bool) -> None:
+        if self.rank != 0:
+            return
+        state = self.state(epoch)
+        if improved:
+            save_checkpoint(state, os.path.join(self.run_dir, "best.pth"))
+        save_checkpoint(state, os.path.join(self.run_dir, "last.pth"))
+        tmp = os.path.join(self.run_dir, ".history.json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.history, f, indent=1)
+        os.replace(tmp, os.path.join(self.run_dir, "history.json"))
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> Dict[str, float]:
+        cfg = self.cfg
+        if self.rank == 0 and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        try:
+            for epoch in range(self.start_epoch, cfg.num_epoch + 1):
+                start = time.time()
+                means = self.train_epoch(epoch)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.scheduler.step()
+                record = {"epoch": epoch, "lr": lr, "seconds": round(time.time() - start, 2), "losses": means}
+                improved = False
+                if epoch % cfg.eval_period == 0 or epoch == cfg.num_epoch:
+                    results = self.evaluate(epoch)
+                    if results is not None:
+                        record["val"] = results["t2i"]
+                        improved = results["t2i"]["R1"] > self.best_r1
+                        if improved:
+                            self.best_r1, self.best_epoch = results["t2i"]["R1"], epoch
+                self.history.append(record)
+                self._save(epoch, improved)
+                if self.rank == 0:
+                    logger.info("epoch %d done in %.1f s; best R1 %.2f at epoch %d", epoch, record["seconds"],
+                                self.best_r1, self.best_epoch)
+                dist_utils.barrier()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return {"best_r1": self.best_r1, "best_epoch": self.best_epoch}
+
+    def train_epoch(self, epoch: int) -> Dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        set_loader_epoch(self.train_loader, epoch)
+        sums: Dict[str, float] = defaultdict(float)
+        steps = 0
+        num_iters = len(self.train_loader)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{cfg.num_epoch}", disable=self.rank != 0 or None,
+                   dynamic_ncols=True, mininterval=1.0, leave=False)
+        for it, batch in enumerate(bar, start=1):
+            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with autocast(self.device, cfg.precision):
+                out = self.model(batch)
+            loss = sum(v for k, v in out.items() if k.endswith("_loss"))
+            values = {k: float(v) for k, v in zip(out, torch.stack([v.detach().float() for v in out.values()])
+                                                 .cpu().tolist())}
+            if not self._finite(values, loss, epoch, it):
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.max_grad_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            values["loss"] = sum(v for k, v in values.items() if k.endswith("_loss"))
+            for k, v in values.items():
+                sums[k] += v
+            steps += 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            if self.rank == 0:
+                bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in values.items()
+                                 if k.endswith("loss")} | {"lr": f"{lr:.2e}"}, refresh=False)
+                if it % cfg.log_period == 0 or it == num_iters:
+                    shown = " ".join(f"{k} {sums[k] / steps:.4f}" for k in sorted(sums))
+                    logger.info("epoch %d iter %d/%d %s lr %.3e", epoch, it, num_iters, shown, lr)
+                if self.writer is not None:
+                    step = (epoch - 1) * num_iters + it
+                    for k, v in values.items():
+                        self.writer.add_scalar(f"train/{k}", v, step)
+                    self.writer.add_scalar("train/lr", lr, step)
+        bar.close()
+        return {k: v / max(steps, 1) for k, v in sums.items()}
+
+    def _finite(self, values: Dict[str, float], loss: torch.Tensor, epoch: int, it: int) -> bool:
+        bad = [k for k, v in values.items() if k.endswith("_loss") and not math.isfinite(v)]
+        if self.world_size > 1:
+            bad_anywhere = dist_utils.any_true(bool(bad), self.device)
+        else:
+            bad_anywhere = bool(bad)
+        if not bad_anywhere:
+            return True
+        self.nonfinite_steps += 1
+        terms = ", ".join(f"{k}={values[k]}" for k in bad) or "on another process"
+        if self.nonfinite_steps > self.cfg.skip_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch}, iteration {it}: {terms}; the last good checkpoints in "
+                f"{self.run_dir} are kept (skip_nonfinite_steps lets a run tolerate a few such steps)")
+        logger.warning("skipped step at epoch %d, iteration %d: non-finite %s (%d of %d tolerated)", epoch, it,
+                       terms, self.nonfinite_steps, self.cfg.skip_nonfinite_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        return False
+
+    def evaluate(self, epoch: int) -> Optional[dict]:
+        if self.rank != 0:
+            return None
+        results, table = self.evaluator.evaluate(self.module)
+        logger.info("validation after epoch %d:\n%s", epoch, table)
+        if self.writer is not None:
+            for k in ("R1", "R5", "R10", "mAP", "mINP"):
+                self.writer.add_scalar(f"val/{k}", results["t2i"][k], epoch)
+        return results

@@ -1,0 +1,104 @@
+"""Evaluate a run folder: `python test.py --config_file RUN/configs.yaml [--checkpoint P] [--compat none]`.
+
+Works on this project's runs and on published IRRA / PHP run folders. Prints the metrics table and writes
+`test_results.json` beside the config. `--audit` checks whether embeddings depend on their batch (exit 3 if so).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from datasets import build_dataset
+from datasets.loaders import build_eval_loaders
+from model import load_model
+from utils.cli import run_main, split_argv
+from utils.env import resolve_device
+from utils.errors import UserError
+from utils.evaluator import Evaluator
+from utils.logger import setup_logger
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                epilog="Config options can follow as --key value, e.g. --root_dir /data "
+                                       "--test_batch_size 256 --compat none|php_v1|auto.")
+    p.add_argument("--config_file", required=True, help="the run's configs.yaml")
+    p.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (default: best.pth beside the config)")
+    p.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate")
+    p.add_argument("--i2t", action="store_true", help="also report image-to-text retrieval")
+    p.add_argument("--audit", action="store_true", help="check that embeddings do not depend on the batch")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="allow checkpoints that need full unpickling (only for files you trust)")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    return p
+
+
+def write_results(path: str, updates: dict) -> None:
+    """Merge `updates` into the JSON file at `path` (so an audit and a plain test can share it)."""
+    results = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                results = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            results = {}
+    results.update(updates)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
+
+
+def load_split(cfg, split_name: str) -> dict:
+    dataset = build_dataset(cfg.dataset_name, cfg.root_dir, val_holdout_ids=cfg.val_holdout_ids,
+                            skip_missing_images=cfg.skip_missing_images, demo_seed=cfg.demo_seed)
+    split = getattr(dataset, split_name)
+    if not split["captions"]:
+        raise UserError(f"{cfg.dataset_name} has no {split_name} split under {cfg.root_dir}")
+    return split
+
+
+def main(argv) -> int:
+    args, overrides = split_argv(parser(), argv)
+    logger = setup_logger()
+    compat = overrides.pop("compat", "auto")
+    device = resolve_device(overrides.get("device", "auto"))
+    model = load_model(args.config_file, args.checkpoint, device=str(device), compat=compat, overrides=overrides,
+                       trusted=args.trust_checkpoint)
+    cfg = model.cfg
+    split = load_split(cfg, args.split)
+    run_dir = os.path.dirname(os.path.abspath(args.config_file))
+    results_path = os.path.join(run_dir, "test_results.json")
+    logger.info("evaluating %s on %s/%s (compat %s)", model.checkpoint_path, cfg.dataset_name, args.split,
+                model.compat)
+
+    if args.audit:
+        from processor.audit import run_audit
+        audit = run_audit(model, cfg, split)
+        write_results(results_path, {"audit": audit})
+        return 0 if audit["batch_independent"] else 3
+
+    evaluator = Evaluator(*build_eval_loaders(cfg, split), precision=cfg.precision)
+    results, table = evaluator.evaluate(model, i2t=args.i2t)
+    print(table)
+    record = {"t2i": {k: results["t2i"][k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
+              "checkpoint": os.path.abspath(model.checkpoint_path), "dataset": cfg.dataset_name,
+              "split": args.split, "compat": model.compat, "num_queries": results["num_queries"],
+              "num_gallery": results["num_gallery"]}
+    if args.i2t:
+        record["i2t"] = {k: results["i2t"][k] for k in ("R1", "R5", "R10", "mAP", "mINP")}
+    usage = model.expert_usage()
+    if usage:
+        from utils.expert_report import report_expert_usage
+        record["expert_usage"] = report_expert_usage(usage, run_dir)
+    write_results(results_path, record)
+    logger.info("results written to %s", results_path)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

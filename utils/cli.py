@@ -1,0 +1,48 @@
+"""What every entry point shares: flags vs. config overrides, and turning UserError into one line + exit code."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from utils.config import parse_overrides
+from utils.errors import UserError
+
+
+def split_argv(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, dict]:
+    """Entry-point flags via `parser`; every other `--key value` is a config override (checked by name)."""
+    args, rest = parser.parse_known_args(argv)
+    return args, parse_overrides(list(rest))
+
+
+def run_main(main: Callable[[List[str]], int], argv: Optional[List[str]] = None) -> None:
+    """Call `main(argv)`; a UserError becomes 'error: <message>' on stderr and its exit code, unless --debug."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = main(argv)
+    except UserError as e:
+        if "--debug" in argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        code = getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
+
+
+def check_output_dir(path: str, needed_bytes: int = 0) -> None:
+    """The run folder can be created and written, and its disk has room for `needed_bytes` more."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"output folder {path} is not writable ({e.strerror or e})") from None
+    free = shutil.disk_usage(path).free
+    if needed_bytes and free < needed_bytes:
+        raise UserError(f"output folder {path} has {free / 2**30:.2f} GiB free but checkpoints need about "
+                        f"{needed_bytes / 2**30:.2f} GiB; free some space or set --output_dir elsewhere")

@@ -1,0 +1,95 @@
+"""torch.distributed helpers: set-up from the torchrun environment, DDP wrapping, feature gathering.
+
+Under `torchrun` the environment holds RANK, WORLD_SIZE and LOCAL_RANK; the process group uses NCCL on GPUs and
+gloo on CPUs. Without it everything here degrades to single-process no-ops.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Tuple
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+
+def env_world() -> Tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the torchrun environment; (0, 1, 0) without it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed(device_name: str = "auto") -> Tuple[int, int, int]:
+    rank, world_size, local_rank = env_world()
+    if world_size > 1 and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+    return rank, world_size, local_rank
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True on every process if `flag` is True on any (so all processes take the same branch)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every process in rank order; the gradient flows to this process's part only."""
+    world = dist.get_world_size()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, dim=0)
+
+
+def scale_gradient(value: torch.Tensor, factor: float) -> torch.Tensor:
+    """`value` unchanged, its gradient multiplied by `factor`."""
+    return value.detach() + factor * (value - value.detach())
+
+
+def feature_gatherer(world_size: int):
+    """A `RetrievalModel.gather` function for contrastive losses over the global batch.
+
+    Each process computes the loss of the whole global batch, with gradients through its own features only;
+    DDP then averages the parameter gradients over processes, which divides by world_size. Scaling the gradient
+    of the gathered features by world_size makes the update equal to single-process training on the global
+    batch, while the reported loss stays the global-batch value.
+    """
+    def gather(image_feats, text_feats, pids):
+        if world_size <= 1:
+            return image_feats, text_feats, pids
+        return (scale_gradient(all_gather_with_grad(image_feats), world_size),
+                scale_gradient(all_gather_with_grad(text_feats), world_size),
+                all_gather_with_grad(pids))
+    return gather
+
+
+def check_world(cfg_batch_size: int, world_size: int) -> None:
+    if world_size > 1 and cfg_batch_size < world_size:
+        raise UserError(f"batch_size {cfg_batch_size} is smaller than the number of processes {world_size}")

@@ -1,0 +1,61 @@
+"""Expert usage of the PHP head after an evaluation: a printed table and `experts.png` (one panel per block)."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, Optional
+
+import torch
+from prettytable import PrettyTable
+
+from model.php_head import usage_report
+
+logger = logging.getLogger("php")
+
+
+def usage_table(report: Dict[str, list]) -> PrettyTable:
+    num_experts = len(next(iter(report.values()))[0]["share"])
+    table = PrettyTable(["modality", "block"] + [f"e{i}" for i in range(num_experts)] + ["entropy", "max"])
+    for modality, rows in report.items():
+        for row in rows:
+            table.add_row([modality, row["block"]] + [f"{100 * s:.1f}%" for s in row["share"]]
+                          + [f"{row['entropy']:.3f}", f"{row['max_entropy']:.3f}"])
+    return table
+
+
+def plot_usage(report: Dict[str, list], path: str) -> str:
+    """One bar chart per EFP block: each expert's share of routed tokens, one bar colour per modality."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modalities = list(report)
+    blocks = len(report[modalities[0]])
+    num_experts = len(report[modalities[0]][0]["share"])
+    fig, axes = plt.subplots(1, blocks, figsize=(3.2 * blocks, 3.0), sharey=True, squeeze=False)
+    width = 0.8 / len(modalities)
+    for b, ax in enumerate(axes[0]):
+        for m, modality in enumerate(modalities):
+            row = report[modality][b]
+            xs = [e + (m - (len(modalities) - 1) / 2) * width for e in range(num_experts)]
+            ax.bar(xs, [100 * s for s in row["share"]], width=width,
+                   label=f"{modality} (H={row['entropy']:.2f}/{row['max_entropy']:.2f})")
+        ax.set_title(f"EFP block {b}")
+        ax.set_xticks(range(num_experts), [f"expert {e}" for e in range(num_experts)], fontsize=8)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("share of routed tokens (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_expert_usage(usage: Dict[str, torch.Tensor], out_dir: Optional[str] = None) -> Dict[str, list]:
+    """Log the usage table, save `<out_dir>/experts.png`, and return the report (JSON-ready)."""
+    report = usage_report(usage)
+    logger.info("expert usage of the PHP head (share of routed tokens; entropy vs. its maximum log E):\n%s",
+                usage_table(report))
+    if out_dir:
+        path = plot_usage(report, os.path.join(out_dir, "experts.png"))
+        logger.info("expert usage plot: %s", path)
+    return report
