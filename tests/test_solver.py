@@ -127,8 +127,8 @@ def test_adam_family(name, cls, eps_in, eps_out):
     assert type(opt) is cls
     assert opt.defaults["betas"] == (0.8, 0.99)
     assert opt.defaults["eps"] == eps_out
-    # CPU parameters: the multi-tensor path, not the CUDA-only fused kernel
-    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    # float parameters all on the CPU: the fused kernel
+    assert opt.defaults["fused"] is True and not opt.defaults["foreach"]
 
 
 def test_sgd_and_a_real_step():

@@ -1,0 +1,43 @@
+"""End to end: the smoke run trains, writes its files, lowers the loss, and test.py evaluates it."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+import test as test_entry
+from utils.cli import run_main
+
+
+def test_smoke_run_writes_its_files(smoke_run):
+    for name in ("configs.yaml", "best.pth", "last.pth", "train_log.txt", "history.json"):
+        assert os.path.isfile(os.path.join(smoke_run, name)), name
+    assert os.path.isdir(os.path.join(smoke_run, "tensorboard"))
+    with open(os.path.join(smoke_run, "configs.yaml")) as f:
+        config = yaml.safe_load(f)
+    assert config["name"] == "smoke" and config["world_size"] == 1 and config["resume"] is False
+    ckpt = torch.load(os.path.join(smoke_run, "last.pth"), weights_only=True)
+    assert ckpt["epoch"] == 2 and all(v.dtype != torch.float16 for v in ckpt["model"].values())
+
+
+def test_smoke_run_loss_falls_and_is_evaluated(smoke_run):
+    with open(os.path.join(smoke_run, "history.json")) as f:
+        history = json.load(f)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["losses"]["loss"] < history[0]["losses"]["loss"]
+    assert all("R1" in h["val"] for h in history)
+
+
+def test_test_py_writes_results(smoke_run, demo_root):
+    with pytest.raises(SystemExit) as done:
+        run_main(test_entry.main, ["--config_file", os.path.join(smoke_run, "configs.yaml"),
+                                   "--root_dir", demo_root, "--i2t"])
+    assert done.value.code == 0
+    with open(os.path.join(smoke_run, "test_results.json")) as f:
+        results = json.load(f)
+    assert set(results["t2i"]) == {"R1", "R5", "R10", "mAP", "mINP"} and "i2t" in results
+    assert results["split"] == "test" and results["compat"] == "none" and results["dataset"] == "Demo-PEDES"
+    assert results["num_gallery"] == 80 and results["num_queries"] == 160
+    assert len(results["expert_usage"]["image"]) == 1
+    assert os.path.isfile(os.path.join(smoke_run, "experts.png"))
