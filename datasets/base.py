@@ -50,7 +50,7 @@ class Entry:
 
 
 def empty_split() -> Dict[str, list]:
-    return {"image_pids": [], "img_paths": [], "caption_pids": [], "captions": []}
+    return {"image_pids": [], "img_paths": [], "caption_pids": [], "captions": [], "caption_img_index": []}
 
 
 class PedesDataset:
@@ -59,7 +59,7 @@ class PedesDataset:
     `train` holds `(pid, image_id, img_path, caption)` tuples with pids contiguous from 0 (ordered by original id)
     and image ids contiguous per image; `train_id_map[pid]` is the original id. `val` and `test` are dicts of
     lists: `image_pids`, `img_paths` (the gallery) and `caption_pids`, `captions` (the queries), with the
-    original ids as pids.
+    original ids as pids, and `caption_img_index` (the position in `img_paths` of each caption's own image).
     """
 
     def __init__(self, name: str, dataset_dir: str, train: List[TrainPair], val: Dict[str, list],
@@ -232,6 +232,7 @@ def build_splits(name: str, dataset_dir: str, entries: Sequence[Entry], val_hold
             d["img_paths"].append(os.path.join(img_dir, e.rel_path))
             d["caption_pids"].extend([e.pid] * len(e.captions))
             d["captions"].extend(e.captions)
+            d["caption_img_index"].extend([len(d["img_paths"]) - 1] * len(e.captions))
         return d
 
     return PedesDataset(name, dataset_dir, train, eval_split(by_split["val"]), eval_split(by_split["test"]),

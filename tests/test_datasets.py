@@ -46,8 +46,10 @@ def test_cuhk_pairs_pids_and_splits(tmp_path):
                         pair(1, 2, "cam_b/c.jpg", "one"), pair(1, 2, "cam_b/c.jpg", "two")]
     assert ds.num_classes == 2 and ds.train_id_map == {0: 3, 1: 7}
     assert ds.val == {"image_pids": [12], "img_paths": [os.path.join(img, "cam_b/d.jpg")],
-                      "caption_pids": [12, 12], "captions": ["cam_b/d.jpg one", "cam_b/d.jpg two"]}
+                      "caption_pids": [12, 12], "captions": ["cam_b/d.jpg one", "cam_b/d.jpg two"],
+                      "caption_img_index": [0, 0]}
     assert ds.test["image_pids"] == [20, 20] and ds.test["caption_pids"] == [20, 20, 20, 20]
+    assert ds.test["caption_img_index"] == [0, 0, 1, 1]
     assert ds.statistics() == {"train": (2, 3, 6), "val": (1, 1, 2), "test": (1, 2, 4)}
     table = ds.summary()
     assert table.field_names == ["subset", "ids", "images", "captions"]
@@ -60,7 +62,8 @@ def test_icfg_accepts_both_file_names_and_has_empty_val(tmp_path, ann):
     write_set(tmp_path, "ICFG-PEDES", ann, rows)
     ds = build_dataset("ICFG-PEDES", str(tmp_path))
     assert ds.num_classes == 2 and len(ds.train) == 4
-    assert ds.val == {"image_pids": [], "img_paths": [], "caption_pids": [], "captions": []}
+    assert ds.val == {"image_pids": [], "img_paths": [], "caption_pids": [], "captions": [],
+                      "caption_img_index": []}
     assert ds.test["image_pids"] == [5]
 
 

@@ -63,19 +63,6 @@ def test_shapes_and_loss_keys():
     assert model.php.crfm.part_tokens.grad is not None
 
 
-@pytest.mark.parametrize("modules", ["none", "crfm", "efp", "crfm+efp"])
-def test_embedding_independent_of_batch_mates(modules):
-    torch.manual_seed(0)
-    losses_ = "sdm+itc+aux" if "efp" in modules else "sdm+itc"
-    model = build_model(tiny_cfg(php_modules=modules, loss_names=losses_)).eval()
-    b = batch(6)
-    with torch.no_grad():
-        full_i, full_t = model.encode_image(b["images"]), model.encode_text(b["caption_ids"])
-        one_i = torch.cat([model.encode_image(b["images"][k:k + 1]) for k in range(6)])
-        one_t = torch.cat([model.encode_text(b["caption_ids"][k:k + 1]) for k in range(6)])
-    assert torch.allclose(full_i, one_i, atol=1e-5) and torch.allclose(full_t, one_t, atol=1e-5)
-
-
 def test_batch_mode_depends_on_batch_mates():
     torch.manual_seed(0)
     model = build_model(tiny_cfg(efp_attention="batch")).eval()
