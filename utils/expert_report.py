@@ -40,22 +40,34 @@ def plot_usage(report: Dict[str, list], path: str) -> str:
             xs = [e + (m - (len(modalities) - 1) / 2) * width for e in range(num_experts)]
             ax.bar(xs, [100 * s for s in row["share"]], width=width,
                    label=f"{modality} (H={row['entropy']:.2f}/{row['max_entropy']:.2f})")
+        # The share every expert would get under perfectly balanced routing.
+        ax.axhline(100 / num_experts, color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(f"EFP block {b}")
         ax.set_xticks(range(num_experts), [f"expert {e}" for e in range(num_experts)], fontsize=8)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("share of routed tokens (%)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
 def report_expert_usage(usage: Dict[str, torch.Tensor], out_dir: Optional[str] = None) -> Dict[str, list]:
-    """Log the usage table, save `<out_dir>/experts.png`, and return the report (JSON-ready)."""
+    """Log the usage table, save `<out_dir>/experts.png`, and return the report (JSON-ready).
+
+    A picture that cannot be drawn or written (read-only run folder, broken matplotlib) is only warned about:
+    the evaluation's results matter more than the plot.
+    """
     report = usage_report(usage)
     logger.info("expert usage of the PHP head (share of routed tokens; entropy vs. its maximum log E):\n%s",
                 usage_table(report))
     if out_dir:
-        path = plot_usage(report, os.path.join(out_dir, "experts.png"))
-        logger.info("expert usage plot: %s", path)
+        try:
+            path = plot_usage(report, os.path.join(out_dir, "experts.png"))
+            logger.info("expert usage plot: %s", path)
+        except Exception as e:  # noqa: BLE001 - any plotting failure must not lose the evaluation
+            logger.warning("could not write %s (%s: %s)", os.path.join(out_dir, "experts.png"),
+                           type(e).__name__, e)
     return report

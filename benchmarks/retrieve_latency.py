@@ -1,0 +1,66 @@
+"""Answer time of retrieve.py: one query against a split, with and without the gallery cache.
+
+    python benchmarks/retrieve_latency.py --config_file RUN/configs.yaml [--repeats 7] [--key value ...]
+
+Times `retrieve.answer` (everything between the known input and the printed answer: reading the split, the
+cache lookup or the gallery embedding, the text encoding and the ranking) in this one process, after loading
+the model once. The cache lives in a temporary folder. Prints the medians and their ratio; the target is a
+cached answer under 2 s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import load_model  # noqa: E402
+from retrieve import answer  # noqa: E402
+from utils.cli import split_argv  # noqa: E402
+
+QUERY = ("text", "a woman with long black hair in a red coat and blue jeans, carrying a backpack")
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config_file", required=True)
+    p.add_argument("--split", default="test", choices=("test", "val"))
+    p.add_argument("--repeats", type=int, default=7, help="cached answers timed (uncached: half as many, >= 2)")
+    args, overrides = split_argv(p, argv)
+    compat = overrides.pop("compat", "auto")
+    model = load_model(args.config_file, compat=compat, overrides=overrides)
+    cache_dir = tempfile.mkdtemp(prefix="retrieve-bench-")
+    try:
+        def run(cache):
+            return answer(model, [QUERY], args.split, None, 10, cache)
+
+        uncached = [timed(lambda: run(None)) for _ in range(max(2, args.repeats // 2))]
+        first = timed(lambda: run(cache_dir))  # embeds the gallery and writes the cache
+        cached = [timed(lambda: run(cache_dir)) for _ in range(args.repeats)]
+        gallery, _, reused, _ = run(cache_dir)
+        assert reused, "the cache was not reused"
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    print(f"{model.cfg.dataset_name}/{args.split}: gallery of {len(gallery)} images, device "
+          f"{next(model.parameters()).device}, precision {model.cfg.precision}")
+    print(f"without cache  (embeds the gallery): median {statistics.median(uncached):.3f} s over {len(uncached)} "
+          f"(min {min(uncached):.3f})")
+    print(f"first cached run (embed + write):    {first:.3f} s")
+    print(f"with cache     (the target, < 2 s):  median {statistics.median(cached):.3f} s over {len(cached)} "
+          f"(min {min(cached):.3f}, max {max(cached):.3f})")
+    print(f"speed-up from the cache: {statistics.median(uncached) / statistics.median(cached):.1f}x")
+
+
+if __name__ == "__main__":
+    main()

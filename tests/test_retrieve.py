@@ -1,0 +1,246 @@
+"""retrieve.py: printed hits, the picture's layout and frames, and the gallery cache (written, reused, invalidated)."""
+import glob
+import os
+import re
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import retrieve
+from datasets import build_dataset
+from model.retrieval_model import RetrievalModel
+from utils.cli import run_main
+from utils.visualize import GREEN, GREY, RED, Hit, ResultRow, draw_results, panel_box, picture_size, wrap_text
+
+HIT = re.compile(r"^(\d+) (-?\d+\.\d{4}) (\S.*)$")
+
+
+@pytest.fixture()
+def run_copy(smoke_run, tmp_path):
+    """A private copy of the smoke run (configs.yaml + best.pth) that a test may modify."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("configs.yaml", "best.pth"):
+        shutil.copy2(os.path.join(smoke_run, name), folder / name)
+    return str(folder)
+
+
+@pytest.fixture()
+def encode_calls(monkeypatch):
+    """Counts the images passed to RetrievalModel.encode_image."""
+    calls = {"images": 0}
+    original = RetrievalModel.encode_image
+
+    def counting(self, images):
+        calls["images"] += images.shape[0]
+        return original(self, images)
+
+    monkeypatch.setattr(RetrievalModel, "encode_image", counting)
+    return calls
+
+
+def retrieve_cli(capsys, run_dir, *args):
+    """Run retrieve.py in-process; returns (exit code, stdout lines, stderr)."""
+    with pytest.raises(SystemExit) as done:
+        run_main(retrieve.main, ["--config_file", os.path.join(run_dir, "configs.yaml"), *args])
+    out, err = capsys.readouterr()
+    return done.value.code, out.splitlines(), err
+
+
+def parse_output(lines):
+    """[(query header, [(rank, score, path), ...]), ...] and the final timing line."""
+    queries = []
+    for line in lines[:-1]:
+        if line.startswith("# query "):
+            queries.append((line, []))
+        else:
+            match = HIT.match(line)
+            assert match, f"unexpected output line {line!r}"
+            queries[-1][1].append((int(match.group(1)), float(match.group(2)), match.group(3)))
+    assert re.match(r"^# answered in \d+\.\d{3} s ", lines[-1]), lines[-1]
+    return queries
+
+
+def pixel(path, xy):
+    with Image.open(path) as img:
+        return img.convert("RGB").getpixel(xy)
+
+
+def test_split_query_prints_hits_and_draws_frames(run_copy, demo_root, tmp_path, capsys):
+    test = build_dataset("Demo-PEDES", demo_root).test
+    pid_of = {os.path.abspath(p): pid for p, pid in zip(test["img_paths"], test["image_pids"])}
+    out = str(tmp_path / "results.png")
+    code, lines, _ = retrieve_cli(capsys, run_copy, "--root_dir", demo_root, "--query", "a man in a blue jacket",
+                                  "--caption", "0", "--caption", "7", "--topk", "5", "--out", out)
+    assert code == 0
+    queries = parse_output(lines)
+    assert len(queries) == 3
+    assert "free text" in queries[0][0] and test["captions"][7] in queries[2][0]
+    for _, hits in queries:
+        assert [h[0] for h in hits] == [1, 2, 3, 4, 5]
+        assert all(a[1] >= b[1] for a, b in zip(hits, hits[1:]))  # best first
+        assert all(-1.0001 <= h[1] <= 1.0001 and os.path.isfile(h[2]) for h in hits)
+        assert all(not os.path.isabs(h[2]) or not h[2].startswith(os.getcwd()) for h in hits)
+
+    with Image.open(out) as img:
+        assert img.size == picture_size(3, 5)
+    for col, (_, _, path) in enumerate(queries[0][1]):
+        assert pixel(out, panel_box(0, col)[:2]) == GREY
+    for row, caption in ((1, 0), (2, 7)):
+        for col, (_, _, path) in enumerate(queries[row][1]):
+            expected = GREEN if pid_of[os.path.abspath(path)] == test["caption_pids"][caption] else RED
+            assert pixel(out, panel_box(row, col)[:2]) == expected
+
+
+def test_cache_is_written_reused_and_invalidated_by_the_checkpoint(run_copy, demo_root, tmp_path, capsys,
+                                                                   encode_calls):
+    args = ("--root_dir", demo_root, "--query", "a woman in a red coat", "--topk", "3",
+            "--out", str(tmp_path / "r.png"))
+    code, first, _ = retrieve_cli(capsys, run_copy, *args)
+    assert code == 0 and encode_calls["images"] == 80  # the whole test gallery, once
+    cache_files = glob.glob(os.path.join(run_copy, "cache", "gallery-*.pt"))
+    assert len(cache_files) == 1
+    assert "embedded now, cache written" in first[-1]
+
+    encode_calls["images"] = 0
+    code, second, _ = retrieve_cli(capsys, run_copy, *args)
+    assert code == 0 and encode_calls["images"] == 0
+    assert second[:-1] == first[:-1] and "cached embeddings" in second[-1]
+
+    # Rewriting the checkpoint (here with the same weights) makes the cache stale: it is not used, and replaced.
+    path = os.path.join(run_copy, "best.pth")
+    torch.save(torch.load(path, weights_only=True), path)
+    code, third, _ = retrieve_cli(capsys, run_copy, *args)
+    assert code == 0 and encode_calls["images"] == 80
+    assert third[:-1] == first[:-1]
+    assert glob.glob(os.path.join(run_copy, "cache", "gallery-*.pt")) not in ([], cache_files)
+
+    # Another checkpoint or compat mode is another cache entry, never a reuse.
+    encode_calls["images"] = 0
+    code, _, _ = retrieve_cli(capsys, run_copy, *args, "--compat", "php_v1")
+    assert code == 0 and encode_calls["images"] == 80
+
+
+def make_folder_gallery(demo_root, folder, count):
+    test = build_dataset("Demo-PEDES", demo_root).test
+    os.makedirs(os.path.join(folder, "nested"))
+    for i, src in enumerate(test["img_paths"][:count]):
+        dst = os.path.join(folder, "nested" if i % 2 else "", f"img{i}.jpg")
+        shutil.copy(src, dst)
+    with Image.open(test["img_paths"][count]) as img:
+        img.save(os.path.join(folder, "nested", "extra.png"))
+    with open(os.path.join(folder, "notes.txt"), "w") as f:
+        f.write("not an image")
+    return test["img_paths"]
+
+
+def test_folder_gallery_and_its_cache(run_copy, demo_root, tmp_path, capsys, encode_calls):
+    folder = str(tmp_path / "gallery")
+    sources = make_folder_gallery(demo_root, folder, 6)
+    out = str(tmp_path / "folder.png")
+    args = ("--gallery", folder, "--query", "a person with a backpack", "--topk", "10", "--out", out)
+    code, lines, _ = retrieve_cli(capsys, run_copy, *args)
+    assert code == 0 and encode_calls["images"] == 7  # 6 jpg + 1 png, the .txt ignored
+    queries = parse_output(lines)
+    assert [h[0] for h in queries[0][1]] == list(range(1, 8))  # fewer images than --topk
+    assert all(os.path.abspath(h[2]).startswith(folder) for h in queries[0][1])
+    with Image.open(out) as img:
+        assert img.size == picture_size(1, 7)
+    assert pixel(out, panel_box(0, 0)[:2]) == GREY
+
+    encode_calls["images"] = 0
+    assert retrieve_cli(capsys, run_copy, *args)[0] == 0 and encode_calls["images"] == 0
+
+    # A changed image (new content, new mtime) and an added one: the cache is stale.
+    shutil.copy(sources[10], os.path.join(folder, "img0.jpg"))
+    os.utime(os.path.join(folder, "img0.jpg"), ns=(1, 1))
+    shutil.copy(sources[11], os.path.join(folder, "nested", "new.jpg"))
+    code, lines, _ = retrieve_cli(capsys, run_copy, *args)
+    assert code == 0 and encode_calls["images"] == 8
+    assert len(parse_output(lines)[0][1]) == 8
+    assert len(glob.glob(os.path.join(run_copy, "cache", "gallery-*.pt"))) == 1  # the stale file was removed
+
+
+def test_no_cache_and_corrupt_cache(run_copy, demo_root, tmp_path, capsys, encode_calls):
+    args = ("--root_dir", demo_root, "--caption", "3", "--topk", "2", "--out", str(tmp_path / "r.png"))
+    assert retrieve_cli(capsys, run_copy, *args, "--no_cache")[0] == 0
+    assert encode_calls["images"] == 80 and not os.path.exists(os.path.join(run_copy, "cache"))
+    cache_dir = str(tmp_path / "elsewhere")
+    assert retrieve_cli(capsys, run_copy, *args, "--cache_dir", cache_dir)[0] == 0
+    [cache_file] = glob.glob(os.path.join(cache_dir, "gallery-*.pt"))
+    with open(cache_file, "wb") as f:
+        f.write(b"torn")
+    encode_calls["images"] = 0
+    code, lines, err = retrieve_cli(capsys, run_copy, *args, "--cache_dir", cache_dir)
+    assert code == 0 and encode_calls["images"] == 80 and "unreadable gallery cache" in err
+    # A cache folder that cannot be made: the answer still comes, with a warning.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, lines, err = retrieve_cli(capsys, run_copy, *args, "--cache_dir", str(blocker / "cache"))
+    assert code == 0 and "cannot write the gallery cache" in err and len(parse_output(lines)[0][1]) == 2
+    assert "embedded now;" in lines[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "nothing to search for"),
+    (("--query", "x", "--topk", "0"), "--topk"),
+    (("--query", "   "), "empty"),
+    (("--query", "x", "--split", "test", "--gallery", "."), "either --split or --gallery"),
+    (("--caption", "100000"), "captions 0 to 159"),
+    (("--caption", "1", "--gallery", "GALLERY"), "cannot be used with --gallery"),
+    (("--query", "x", "--gallery", "EMPTY"), "no .jpg or .png images"),
+])
+def test_bad_input_is_one_line(run_copy, demo_root, tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    make_folder_gallery(demo_root, str(tmp_path / "gallery"), 2)
+    args = [str(tmp_path / "empty") if a == "EMPTY" else str(tmp_path / "gallery") if a == "GALLERY" else a
+            for a in args]
+    code, lines, err = retrieve_cli(capsys, run_copy, "--root_dir", demo_root, "--out", str(tmp_path / "r.png"),
+                                    *args)
+    assert code == 2 and lines == []
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_query_equal_to_a_caption_has_its_identity():
+    from utils.gallery_cache import gallery_from_split
+    split = {"image_pids": [7, 9], "img_paths": ["a.jpg", "b.jpg"], "caption_pids": [7, 9],
+             "captions": ["A man in a  Red coat.", "a woman"]}
+    gallery = gallery_from_split(split, "test split")
+    resolved = retrieve.resolve_queries([("text", "a MAN in a red   coat."), ("caption", 1), ("text", "someone")],
+                                        gallery, split["captions"], "test")
+    assert resolved == [("a MAN in a red coat.", 7), ("a woman", 9), ("someone", None)]
+
+
+def test_shown_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert retrieve.shown_path(str(tmp_path / "a" / "b.jpg")) == os.path.join("a", "b.jpg")
+    outside = os.path.abspath(os.path.join(str(tmp_path), os.pardir, "c.jpg"))
+    assert retrieve.shown_path(outside) == outside
+
+
+def test_picture_layout_with_odd_image_sizes(tmp_path):
+    paths = []
+    for i, size in enumerate([(30, 200), (300, 50), (64, 192)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", size, (0, 0, 255)).save(paths[-1])
+    rows = [ResultRow("word " * 200, [Hit(p, 0.5, c) for p, c in zip(paths, (True, False, None))], "note"),
+            ResultRow("short", [Hit(paths[0], 0.1)])]
+    out = draw_results(rows, str(tmp_path / "grid.png"))
+    with Image.open(out) as img:
+        assert img.size == picture_size(2, 3)
+    assert [pixel(out, panel_box(0, c)[:2]) for c in range(3)] == [GREEN, RED, GREY]
+    assert pixel(out, panel_box(1, 0)[:2]) == GREY
+    assert pixel(out, panel_box(1, 1)[:2]) == (255, 255, 255)  # no hit there: an empty slot
+    x0, y0, x1, y1 = panel_box(0, 1)
+    assert pixel(out, ((x0 + x1) // 2, (y0 + y1) // 2)) == (0, 0, 255)  # the image is inside its panel
+
+
+def test_wrap_text_limits_lines():
+    from utils.visualize import _font
+    font = _font(13)
+    lines = wrap_text("a long description " * 50, font, 300, 3)
+    assert len(lines) == 3 and lines[-1].endswith("...")
+    assert all(font.getlength(line) <= 300 for line in lines)
+    assert wrap_text("short text", font, 300, 3) == ["short text"]

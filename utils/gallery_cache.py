@@ -1,0 +1,198 @@
+"""Gallery embeddings for `retrieve.py`: computed once, cached on disk, reused while nothing they depend on changed.
+
+A cache file holds the L2-normalised image embeddings of one gallery under one checkpoint. Its key is a hash of
+- the checkpoint: absolute path, size, modification time (ns) and a hash of its first and last MiB;
+- the gallery: every image's absolute path, size and modification time (ns), in gallery order;
+- what else changes the numbers: compat mode, image size, precision, the cache format version.
+The file name carries a short id of (checkpoint path, gallery source) plus the key, so a stale file (any input
+changed) is never read, and it is deleted when the fresh one is written.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from datasets.image_text import ImageDataset
+from datasets.loaders import collate
+from datasets.transforms import build_transforms
+from utils.env import autocast
+from utils.errors import UserError
+
+logger = logging.getLogger("php")
+
+CACHE_VERSION = 1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_EDGE_BYTES = 1 << 20
+
+
+@dataclass
+class Gallery:
+    """The images to search: absolute paths, their identities when known, and where they came from."""
+
+    paths: List[str]
+    source: str  # e.g. "Demo-PEDES/test under /abs/data" or "folder /abs/dir": names the cache file
+    pids: Optional[List[int]] = None
+    query_pids: Dict[str, int] = field(default_factory=dict)  # normalised caption -> pid (split galleries)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def normalise_caption(text: str) -> str:
+    """The form in which a query is matched against a split's captions: lower case, single spaces."""
+    return " ".join(text.lower().split())
+
+
+def gallery_from_split(split: Dict[str, list], source: str) -> Gallery:
+    """A split of `build_dataset` (its images with pids; its captions give the pid of a matching query)."""
+    query_pids: Dict[str, int] = {}
+    for pid, caption in zip(split["caption_pids"], split["captions"]):
+        query_pids.setdefault(normalise_caption(caption), int(pid))
+    return Gallery([os.path.abspath(p) for p in split["img_paths"]], source,
+                   [int(p) for p in split["image_pids"]], query_pids)
+
+
+def gallery_from_folder(folder: str) -> Gallery:
+    """Every .jpg / .jpeg / .png under `folder` (recursively, sorted by path); identities unknown."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--gallery {folder}: not a folder (expected a folder of .jpg / .png images)")
+    folder = os.path.abspath(folder)
+    paths = []
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        paths.extend(os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not paths:
+        raise UserError(f"--gallery {folder}: no .jpg or .png images found (searched recursively)")
+    return Gallery(paths, f"folder {folder}")
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def checkpoint_fingerprint(path: str) -> Dict[str, Any]:
+    """Path, size, mtime and a hash of the first and last MiB: changes whenever the file is rewritten."""
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(_EDGE_BYTES))
+        if st.st_size > _EDGE_BYTES:
+            f.seek(max(_EDGE_BYTES, st.st_size - _EDGE_BYTES))
+            digest.update(f.read(_EDGE_BYTES))
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "edges": digest.hexdigest()}
+
+
+def gallery_fingerprint(paths: Sequence[str]) -> str:
+    """A hash of every image's path, size and mtime, in order; a missing image is an error naming it."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise UserError(f"gallery image {path} cannot be read ({e.strerror or e})") from None
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def cache_key(checkpoint_path: str, gallery: Gallery, settings: Dict[str, Any]) -> str:
+    """The full key of a gallery's embeddings (see the module docstring)."""
+    return _sha({"version": CACHE_VERSION, "checkpoint": checkpoint_fingerprint(checkpoint_path),
+                 "gallery": gallery_fingerprint(gallery.paths), "settings": settings})
+
+
+def cache_path(cache_dir: str, checkpoint_path: str, gallery: Gallery, key: str) -> str:
+    slot = _sha({"checkpoint": os.path.abspath(checkpoint_path), "source": gallery.source})[:12]
+    return os.path.join(cache_dir, f"gallery-{slot}-{key[:24]}.pt")
+
+
+def embed_images(model: torch.nn.Module, paths: Sequence[str], img_size: Sequence[int], precision: str = "fp32",
+                 batch_size: int = 256, num_workers: int = 0) -> torch.Tensor:
+    """L2-normalised float32 CPU embeddings [N, D] of the images at `paths`, in order (eval transform)."""
+    device = next(model.parameters()).device
+    images = ImageDataset([0] * len(paths), list(paths), build_transforms(img_size, is_train=False))
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    feats = []
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            with autocast(device, precision):
+                out = model.encode_image(batch["images"].to(device))
+            feats.append(F.normalize(out.float(), dim=-1).cpu())
+    return torch.cat(feats).clone()
+
+
+def _read(path: str, key: str, gallery: Gallery) -> Optional[torch.Tensor]:
+    """The cached embeddings if `path` holds exactly this key and gallery; None (with a warning) otherwise."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file is rebuilt, whatever torch raised
+        logger.warning("ignoring unreadable gallery cache %s (%s); re-embedding", path, type(e).__name__)
+        return None
+    feats = data.get("feats") if isinstance(data, dict) else None
+    if (not isinstance(data, dict) or data.get("key") != key or data.get("paths") != list(gallery.paths)
+            or not torch.is_tensor(feats) or feats.shape[0] != len(gallery)):
+        logger.warning("ignoring gallery cache %s: it does not match this gallery; re-embedding", path)
+        return None
+    return feats.float()
+
+
+def _write(path: str, key: str, gallery: Gallery, feats: torch.Tensor) -> bool:
+    folder = os.path.dirname(path)
+    prefix = os.path.basename(path).rsplit("-", 1)[0]
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".gallery-", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"key": key, "paths": list(gallery.paths), "source": gallery.source, "feats": feats}, f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError
+        # A read-only run folder (e.g. a published one) still answers queries, just without a cache.
+        logger.warning("cannot write the gallery cache in %s (%s); pass --cache_dir to cache elsewhere", folder,
+                       getattr(e, "strerror", None) or e)
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+        return False
+    for stale in glob.glob(os.path.join(folder, f"{prefix}-*.pt")):
+        if stale != path:
+            try:
+                os.unlink(stale)
+            except OSError:
+                pass
+    return True
+
+
+def gallery_embeddings(model: torch.nn.Module, gallery: Gallery, checkpoint_path: str, cache_dir: Optional[str],
+                       settings: Dict[str, Any], num_workers: int = 0) -> Tuple[torch.Tensor, bool, Optional[str]]:
+    """The gallery's embeddings, from the cache when it is valid: (feats [N, D], came from the cache, the cache
+    file read or written, None if neither).
+
+    `settings` holds whatever besides the checkpoint and the images changes the embeddings: `img_size`,
+    `precision`, `batch_size` (it matters in the batch-dependent compat mode) and `compat`; all go into the
+    key. `cache_dir=None` disables the cache; `num_workers` are the image loader's worker processes.
+    """
+    def embed() -> torch.Tensor:
+        return embed_images(model, gallery.paths, settings["img_size"], settings["precision"],
+                            settings["batch_size"], num_workers)
+
+    if cache_dir is None:
+        return embed(), False, None
+    key = cache_key(checkpoint_path, gallery, settings)
+    path = cache_path(cache_dir, checkpoint_path, gallery, key)
+    if os.path.isfile(path):
+        feats = _read(path, key, gallery)
+        if feats is not None:
+            return feats, True, path
+    feats = embed()
+    return feats, False, path if _write(path, key, gallery, feats) else None
