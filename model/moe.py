@@ -12,7 +12,7 @@ among their top k. With uniform routing this equals k / E.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,12 +36,20 @@ class Expert(nn.Module):
         return x + self.drop(self.up(self.drop(self.act(self.down(self.norm(x))))))
 
 
-def load_balancing_loss(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """E * mean_e(p_e * f_e) for gate logits [T, E] and the boolean top-k choice [T, E]."""
+def load_balancing_loss(logits: torch.Tensor, chosen: torch.Tensor,
+                        reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """E * mean_e(p_e * f_e) for gate logits [T, E] and the boolean top-k choice [T, E].
+
+    `reduce` sums the per-expert sums and the token count over processes (see utils/distributed.py), so that
+    p and f are the means over the global batch rather than this process's share of it.
+    """
     num_experts = logits.shape[-1]
-    p = logits.float().softmax(dim=-1).mean(dim=0)
-    f = chosen.float().mean(dim=0)
-    return num_experts * (p * f).mean()
+    stats = torch.cat([logits.float().softmax(dim=-1).sum(dim=0), chosen.float().sum(dim=0),
+                       logits.new_full((1,), logits.shape[0], dtype=torch.float32)])
+    if reduce is not None:
+        stats = reduce(stats)
+    p, f, count = stats[:num_experts], stats[num_experts:2 * num_experts], stats[-1].clamp(min=1)
+    return num_experts * (p * f).mean() / count ** 2
 
 
 class MoE(nn.Module):
@@ -54,6 +62,8 @@ class MoE(nn.Module):
         self.context_gate = nn.Linear(dim, num_experts, bias=False)
         self.context = nn.Parameter(torch.randn(num_contexts, dim))
         self.alpha = nn.Parameter(torch.tensor(0.5))
+        # Set by utils.distributed.use_global_batch under DDP; used in training mode only.
+        self.reduce_stats: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     @property
     def num_experts(self) -> int:
@@ -80,5 +90,5 @@ class MoE(nn.Module):
         if valid is not None:
             keep = valid.reshape(-1)
             logits, chosen = logits[keep], chosen[keep]
-        aux = load_balancing_loss(logits, chosen)
+        aux = load_balancing_loss(logits, chosen, self.reduce_stats if self.training else None)
         return out.reshape(shape), aux, chosen.sum(dim=0)

@@ -21,6 +21,7 @@ def env_world() -> Tuple[int, int, int]:
 
 
 def init_distributed(device_name: str = "auto") -> Tuple[int, int, int]:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU); (rank, world_size, local_rank)."""
     rank, world_size, local_rank = env_world()
     if world_size > 1 and not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and device_name != "cpu"
@@ -31,23 +32,36 @@ def init_distributed(device_name: str = "auto") -> Tuple[int, int, int]:
 
 
 def is_main_process() -> bool:
+    """True on rank 0 or without a process group."""
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def barrier() -> None:
+    """Wait for every process (no-op without a process group)."""
     if dist.is_initialized():
         dist.barrier()
 
 
 def cleanup() -> None:
+    """Leave the process group, if any (safe to call more than once)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` in DistributedDataParallel.
+
+    Without `find_unused_parameters`: every parameter takes part in every step's loss (the MoE runs all experts
+    densely, the MLM loss of a batch without masked tokens is a zero that keeps the graph; tests check this per
+    head combination), so the unused-parameter search would only cost a graph traversal per step. The only
+    buffer (the text attention mask) is a constant, so it is not re-broadcast before each forward.
+    """
     from torch.nn.parallel import DistributedDataParallel
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    ids = None
+    if device.type == "cuda":
+        # '--device cuda' leaves the index open; init_distributed made cuda:LOCAL_RANK the current device.
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
 
 def any_true(flag: bool, device: torch.device) -> bool:
@@ -59,6 +73,15 @@ def any_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """The mean of `x` over every process (no gradient); `x` itself without a process group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every process in rank order; the gradient flows to this process's part only."""
     world = dist.get_world_size()
@@ -66,6 +89,13 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     dist.all_gather(parts, x.detach().contiguous())
     parts[dist.get_rank()] = x
     return torch.cat(parts, dim=0)
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over every process; the gradient flows to this process's `x` only."""
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return x + (total - x.detach())
 
 
 def scale_gradient(value: torch.Tensor, factor: float) -> torch.Tensor:
@@ -88,6 +118,32 @@ def feature_gatherer(world_size: int):
                 scale_gradient(all_gather_with_grad(text_feats), world_size),
                 all_gather_with_grad(pids))
     return gather
+
+
+def statistics_reducer(world_size: int):
+    """A `MoE.reduce_stats` function: sums batch statistics (e.g. routing-probability sums) over processes.
+
+    As with `feature_gatherer`, every process then computes the global-batch load-balancing loss with gradients
+    through its own tokens, scaled by world_size to undo DDP's gradient averaging.
+    """
+    def reduce(stats: torch.Tensor) -> torch.Tensor:
+        if world_size <= 1:
+            return stats
+        return scale_gradient(all_reduce_with_grad(stats), world_size)
+    return reduce
+
+
+def use_global_batch(model: torch.nn.Module, world_size: int) -> None:
+    """Make the batch-level losses of `model` (contrastive losses, MoE load balancing) global-batch losses.
+
+    Sets `model.gather` and the `reduce_stats` of every submodule that has one (the MoE layers); they act in
+    training mode only, so evaluation on a single process issues no collective.
+    """
+    model.gather = feature_gatherer(world_size)
+    reducer = statistics_reducer(world_size)
+    for module in model.modules():
+        if hasattr(module, "reduce_stats"):
+            module.reduce_stats = reducer
 
 
 def check_world(cfg_batch_size: int, world_size: int) -> None:
