@@ -1,0 +1,353 @@
+"""Evaluate run folders and write one summary table: `sh run.sh test [--key value ...] [RUN_DIR ...]`.
+
+Options and run folders may come in any order; the token after an option is its value (`--root_dir X RUN`
+means root_dir X and run folder RUN; `--key=value` works too; list values are written `--img_size 384,128`).
+`--key value` pairs are config overrides applied to every run (e.g. `--root_dir /data/reid --test_batch_size
+256 --device cpu`); `--debug` shows tracebacks, `--trust_checkpoint` allows checkpoints that need full unpickling.
+With no run folder, every folder under ./logs holding configs.yaml and best.pth is evaluated (any depth).
+
+This project's runs and published IRRA / PHP folders alike. A published PHP run gives two rows: compat `php_v1`
+(the reference protocol: EFP attention across the batch, test split in file order at the config's
+test_batch_size; SPEC 8) and `none` (batch-independent embeddings). `--compat none|php_v1` evaluates every run
+in that one mode instead. A run that cannot be evaluated gets a row with the reason and the others still run.
+The table is printed and written to ./logs/summary.md and ./logs/summary.csv (relative to the current folder).
+Exit status: 0 when every row succeeded, 1 when any failed, 2 for bad options.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from datasets import build_dataset  # noqa: E402
+from datasets.loaders import build_eval_loaders  # noqa: E402
+from model import load_model  # noqa: E402
+from model.loading import CompatibilityWarning  # noqa: E402
+from utils.cli import run_main  # noqa: E402
+from utils.config import Config, apply, parse_overrides, read_yaml  # noqa: E402
+from utils.env import resolve_device  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.evaluator import Evaluator  # noqa: E402
+from utils.logger import setup_logger  # noqa: E402
+from utils.metrics import retrieval_metrics  # noqa: E402
+
+LOGS = "logs"
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+COLUMNS = ("run", "dataset", "compat", *METRICS, "note")
+FLAGS = ("--debug", "--trust_checkpoint")
+# The options that decide which evaluation split a run reads (its cache key).
+DATA_KEYS = ("dataset_name", "root_dir", "val_holdout_ids", "skip_missing_images", "demo_seed")
+ATTENTION = {"php_v1": "batch", "none": "tokens"}  # compat mode -> EFP attention
+
+
+@dataclass
+class Row:
+    """One line of the summary: a run evaluated in one compatibility mode, or the reason it could not be."""
+
+    run: str
+    dataset: str = ""
+    compat: str = ""
+    metrics: Optional[Dict[str, float]] = None
+    note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.metrics is None
+
+
+@dataclass
+class Arguments:
+    """The parsed command line."""
+
+    runs: List[str] = field(default_factory=list)
+    overrides: Dict[str, object] = field(default_factory=dict)
+    flags: Tuple[str, ...] = ()
+
+
+def parse_arguments(argv: Sequence[str]) -> Arguments:
+    """Split options (each followed by at most one value token) from run folders, in any order."""
+    runs: List[str] = []
+    pairs: List[str] = []
+    flags: List[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if not token.startswith("--"):
+            runs.append(token)
+        elif token in FLAGS:
+            flags.append(token)
+        elif "=" in token:
+            pairs.append(token)
+        else:
+            pairs.append(token)
+            # A token that follows an option is its value; an option directly before another (or last) is `true`.
+            if i < len(argv) and not argv[i].startswith("--"):
+                pairs.append(argv[i])
+                i += 1
+    overrides = parse_overrides(pairs)
+    compat = overrides.get("compat", "auto")
+    # Type-check every value once, up front: a bad override is the command's error, not every run's.
+    apply(Config(), overrides, "command line")
+    if compat not in ("auto", "none", "php_v1"):
+        raise UserError(f"command line: option 'compat' must be one of auto, none, php_v1; got {compat!r}")
+    return Arguments(runs, overrides, tuple(flags))
+
+
+def discover_runs(logs_dir: str = LOGS) -> List[str]:
+    """Every folder under `logs_dir` (any depth) that holds both configs.yaml and best.pth, sorted."""
+    found = []
+    for folder, _, files in os.walk(logs_dir):
+        if "configs.yaml" in files and "best.pth" in files:
+            found.append(os.path.normpath(folder))
+    return sorted(found)
+
+
+def display_path(path: str) -> str:
+    """`path` relative to the current folder when it lies inside it, else absolute."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute)
+    return absolute if relative.startswith(os.pardir) else relative
+
+
+def is_config_file(run: str) -> bool:
+    return os.path.isfile(run) and run.endswith((".yaml", ".yml"))
+
+
+def run_label(run: str) -> str:
+    """How a run is named in the summary: its folder, relative to the current folder when inside it."""
+    return display_path(os.path.dirname(os.path.abspath(run)) if is_config_file(run) else run)
+
+
+def config_path(run: str) -> str:
+    """The configs.yaml of a run folder (a path to the YAML file itself is accepted too)."""
+    if is_config_file(run):
+        return run
+    if not os.path.isdir(run):
+        raise UserError(f"run folder not found: {run}")
+    path = os.path.join(run, "configs.yaml")
+    if not os.path.isfile(path):
+        raise UserError(f"run folder {run} has no configs.yaml")
+    return path
+
+
+def data_config(config_file: str, overrides: Dict[str, object]) -> Config:
+    """The data options of a run (its file, then the overrides), read without loading the checkpoint."""
+    raw = read_yaml(config_file)
+    cfg = Config()
+    apply(cfg, {k: raw[k] for k in DATA_KEYS if k in raw}, config_file)
+    apply(cfg, {k: overrides[k] for k in DATA_KEYS if k in overrides}, "command line")
+    return cfg
+
+
+class SplitCache:
+    """Test splits parsed once per (data set, root, split options) and shared by every run that reads them."""
+
+    def __init__(self) -> None:
+        self._splits: Dict[tuple, object] = {}
+
+    def get(self, cfg: Config) -> dict:
+        key = tuple(os.path.abspath(cfg.root_dir) if k == "root_dir" else getattr(cfg, k) for k in DATA_KEYS)
+        if key not in self._splits:
+            try:
+                dataset = build_dataset(cfg.dataset_name, cfg.root_dir, val_holdout_ids=cfg.val_holdout_ids,
+                                        skip_missing_images=cfg.skip_missing_images, demo_seed=cfg.demo_seed)
+                split = dataset.test
+                if not split["captions"]:
+                    raise UserError(f"{cfg.dataset_name} has no test split under {cfg.root_dir}")
+                self._splits[key] = split
+            except UserError as e:
+                self._splits[key] = str(e)  # a missing data set is reported once per run, looked up once
+        value = self._splits[key]
+        if isinstance(value, str):
+            raise UserError(value)
+        return value
+
+
+def compat_modes(model, requested: str) -> List[str]:
+    """The compatibility modes to evaluate a loaded model in, in row order."""
+    if requested == "auto" and model.layout == "php_v1":
+        return ["php_v1", "none"]
+    return [model.compat]
+
+
+def mode_note(compat: str, cfg: Config, metrics: dict) -> str:
+    """The note of a successful row: the php_v1 protocol it followed, queries left out of the means."""
+    notes = []
+    if compat == "php_v1":
+        notes.append(f"batch-dependent (SPEC 8): file order, test_batch_size {cfg.test_batch_size}")
+    if metrics.get("num_queries_without_match"):
+        notes.append(f"{metrics['num_queries_without_match']} queries without a match left out")
+    return "; ".join(notes)
+
+
+class ModesEncoder(torch.nn.Module):
+    """A model's embeddings in several compat modes side by side ([B, modes x D]).
+
+    One pass over the data then serves every mode, and each mode still sees exactly the batches a separate
+    evaluation would (file order, test_batch_size), so php_v1 numbers are those of the reference protocol.
+    """
+
+    def __init__(self, model: torch.nn.Module, modes: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.modes = list(modes)
+
+    def _encode(self, encode, inputs: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for mode in self.modes:
+            self.model.set_efp_attention(ATTENTION[mode])
+            outputs.append(encode(inputs).float())
+        return torch.cat(outputs, dim=1)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self._encode(self.model.encode_image, images)
+
+    def encode_text(self, caption_ids: torch.Tensor) -> torch.Tensor:
+        return self._encode(self.model.encode_text, caption_ids)
+
+
+def evaluate_modes(model: torch.nn.Module, modes: Sequence[str], evaluator: Evaluator) -> Dict[str, dict]:
+    """t2i metrics (as `retrieval_metrics` returns them) of `model` in each compat mode, from one data pass."""
+    feats = evaluator.embed(ModesEncoder(model, modes), normalize=False)
+    device = next(model.parameters()).device
+    width = feats["image_feats"].shape[1] // len(modes)
+    results = {}
+    for k, mode in enumerate(modes):
+        columns = slice(k * width, (k + 1) * width)
+        images = F.normalize(feats["image_feats"][:, columns], dim=-1).to(device)
+        texts = F.normalize(feats["text_feats"][:, columns], dim=-1).to(device)
+        with torch.no_grad():
+            results[mode] = retrieval_metrics(texts @ images.T, feats["text_pids"], feats["image_pids"])
+    return results
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def evaluate_run(run: str, args: Arguments, cache: SplitCache, device: str,
+                 logger: logging.Logger) -> List[Row]:
+    """The rows of one run folder; raises UserError when the run cannot be evaluated."""
+    label = run_label(run)
+    overrides = {k: v for k, v in args.overrides.items() if k != "compat"}
+    requested = str(args.overrides.get("compat", "auto"))
+    config_file = config_path(run)
+    split = cache.get(data_config(config_file, overrides))  # before the checkpoint: a missing data set is cheap
+    model = load_model(config_file, device=device, compat=requested, overrides=overrides,
+                       trusted="--trust_checkpoint" in args.flags)
+    cfg = model.cfg
+    if "num_workers" not in overrides:
+        # Published configs carry their authors' worker count (8); more workers than cores only adds start-up.
+        cfg.num_workers = min(cfg.num_workers, available_cpus())
+    modes = compat_modes(model, requested)
+    logger.info("evaluating %s on %s (compat %s)", label, cfg.dataset_name, " and ".join(modes))
+    evaluator = Evaluator(*build_eval_loaders(cfg, split), precision=cfg.precision, desc=label)
+    results = evaluate_modes(model, modes, evaluator)
+    return [Row(label, cfg.dataset_name, mode, {k: float(results[mode][k]) for k in METRICS},
+                mode_note(mode, cfg, results[mode])) for mode in modes]
+
+
+def failed_row(run: str, args: Arguments, message: str) -> Row:
+    """A row that says why `run` was not evaluated (with its data set when the config could be read)."""
+    dataset = ""
+    try:
+        dataset = data_config(config_path(run), args.overrides).dataset_name
+    except UserError:
+        pass
+    return Row(run_label(run), dataset, str(args.overrides.get("compat", "auto")), None, f"error: {message}")
+
+
+def _cells(row: Row, digits: int, missing: str) -> List[str]:
+    values = [f"{row.metrics[k]:.{digits}f}" for k in METRICS] if row.metrics else [missing] * len(METRICS)
+    return [row.run, row.dataset, row.compat, *values, row.note]
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """The summary as a GitHub-flavoured markdown table (two decimals, '-' for a failed row's metrics)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if c in METRICS else "---" for c in COLUMNS)
+             + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row, 2, "-")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(rows: Sequence[Row]) -> str:
+    """The summary as CSV with a header row (four decimals, empty metrics for a failed row)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow(_cells(row, 4, ""))
+    return out.getvalue()
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `text` to `path` atomically (a reader never sees half a summary)."""
+    tmp = f"{path}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
+
+
+def evaluate_all(args: Arguments, logger: logging.Logger) -> List[Row]:
+    """Rows of every run folder named (or found under ./logs), in order; a failing run becomes an error row."""
+    runs = args.runs or discover_runs()
+    if not runs:
+        raise UserError(f"no run folders under ./{LOGS} (folders holding configs.yaml and best.pth); put one there, "
+                        f"e.g. {LOGS}/ICFG-PEDES/irra_icfg/, or name run folders on the command line")
+    device = str(resolve_device(str(args.overrides.get("device", "auto"))))
+    cache = SplitCache()
+    rows: List[Row] = []
+    for run in runs:
+        try:
+            rows.extend(evaluate_run(run, args, cache, device, logger))
+        except Exception as e:  # noqa: BLE001 - one broken run must not stop the others
+            if "--debug" in args.flags:
+                raise
+            message = str(e) if isinstance(e, UserError) else \
+                f"unexpected {type(e).__name__}: {(str(e).splitlines() or [''])[0]} (rerun with --debug)"
+            logger.error("%s: %s", run_label(run), message)
+            rows.append(failed_row(run, args, message))
+    return rows
+
+
+def main(argv: Sequence[str]) -> int:
+    """Evaluate, print and write the summary; 1 if any row failed."""
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    args = parse_arguments(argv)
+    logger = setup_logger()
+    with warnings.catch_warnings():
+        # Every run evaluated in php_v1 mode warns, not only the first one (Python shows a warning once per line).
+        warnings.simplefilter("always", CompatibilityWarning)
+        rows = evaluate_all(args, logger)
+    table = markdown_table(rows)
+    print(table, end="")
+    md_path, csv_path = os.path.join(LOGS, "summary.md"), os.path.join(LOGS, "summary.csv")
+    write_text(md_path, table)
+    write_text(csv_path, csv_table(rows))
+    failed = sum(row.failed for row in rows)
+    logger.info("summary written to %s and %s%s", md_path, csv_path,
+                f"; {failed} of {len(rows)} rows failed" if failed else "")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_main(main)
