@@ -15,6 +15,7 @@ from datasets.loaders import build_eval_loaders, build_train_loader
 from model import build_model
 from processor.trainer import Trainer
 from utils import distributed as dist_utils
+from utils.checkpoint import remove_partial_checkpoints
 from utils.cli import check_output_dir, run_main, split_argv
 from utils.config import build_config, save_config
 from utils.env import resolve_device, seed_everything
@@ -38,17 +39,42 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return 3 * 3 * 4 * sum(p.numel() for p in model.parameters())
 
 
+def write_curves(run_dir: str, logger) -> None:
+    """curves.png of the finished run; a plotting failure is a warning, never a failed run."""
+    try:
+        from tools.plot_curves import plot_curves
+        logger.info("training curves: %s", plot_curves(run_dir))
+    except Exception as e:  # noqa: BLE001 - the checkpoints are what counts
+        logger.warning("could not draw the training curves (%s: %s)", type(e).__name__, e)
+
+
 def main(argv) -> int:
     args, overrides = split_argv(parser(), argv)
     cfg = build_config(args.config_file, overrides)
     rank, world_size, local_rank = dist_utils.init_distributed(cfg.device)
+    try:
+        return run_training(cfg, rank, world_size, local_rank)
+    finally:
+        # Also after an error: every rank raises the same UserError (the checks are deterministic) and leaves;
+        # if only one rank fails, torchrun stops the others.
+        dist_utils.cleanup()
+
+
+def run_training(cfg, rank: int, world_size: int, local_rank: int) -> int:
+    """Train the run of `cfg` as process `rank` of `world_size` (1 without torchrun); returns the exit code."""
     cfg.world_size, cfg.distributed, cfg.local_rank = world_size, world_size > 1, local_rank
     device = resolve_device(cfg.device, local_rank)
     run_dir = cfg.run_dir
+    partial = []
     if rank == 0:
         check_output_dir(run_dir)
+        # Temporary files of checkpoint writes that a kill interrupted: never loaded, and as large as a checkpoint.
+        partial = remove_partial_checkpoints(run_dir)
     dist_utils.barrier()
     logger = setup_logger(os.path.join(run_dir, "train_log.txt"), rank)
+    if partial:
+        logger.warning("removed %d partial checkpoint file(s) left by an interrupted run: %s", len(partial),
+                       ", ".join(partial))
     resume_path = (cfg.resume_ckpt_file or os.path.join(run_dir, "last.pth")) if cfg.resume else None
     if resume_path and not os.path.isfile(resume_path):
         raise UserError(f"--resume: {resume_path} does not exist (nothing to resume in {run_dir})")
@@ -76,7 +102,7 @@ def main(argv) -> int:
     if cfg.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
     if world_size > 1 and cfg.gather_features:
-        model.gather = dist_utils.feature_gatherer(world_size)
+        dist_utils.use_global_batch(model, world_size)
     if rank == 0:
         check_output_dir(run_dir, checkpoint_bytes(model))
         logger.info("model: %.2f M parameters (%s, php_modules %s, losses %s)",
@@ -93,7 +119,7 @@ def main(argv) -> int:
     if rank == 0:
         logger.info("finished: best val R1 %.2f at epoch %d; checkpoints in %s", result["best_r1"],
                     result["best_epoch"], run_dir)
-    dist_utils.cleanup()
+        write_curves(run_dir, logger)
     return 0
 
 

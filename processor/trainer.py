@@ -1,8 +1,9 @@
 """The training loop: autocast with fp32 master weights, per-epoch evaluation, crash-safe checkpoints, resume.
 
 Reproducibility: the sampler order and every augmentation / masking draw are functions of (seed, epoch, index)
-(see datasets/), and the global RNG (dropout) is re-seeded from (seed, epoch) at the start of each epoch. A run
-resumed from `last.pth` therefore continues bit for bit as if it had never stopped (on the same device).
+(see datasets/), and the global RNG (dropout) is re-seeded from (seed, epoch, rank) at the start of each epoch.
+A run resumed from `last.pth` therefore continues bit for bit as if it had never stopped (on the same device
+and number of processes).
 
 Checkpoints keep the reference layout (`ckpt["model"]` is the state dict) plus what resuming needs.
 """
@@ -96,7 +97,9 @@ class Trainer:
         cfg = self.cfg
         if self.rank == 0 and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+            # On resume, hide the steps that the interrupted run logged after its last checkpoint (they are redone).
+            purge = (self.start_epoch - 1) * len(self.train_loader) + 1 if self.start_epoch > 1 else None
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=purge)
         try:
             for epoch in range(self.start_epoch, cfg.num_epoch + 1):
                 start = time.time()
@@ -126,7 +129,8 @@ class Trainer:
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         cfg = self.cfg
         self.model.train()
-        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        # Offset by rank so that processes draw different dropout masks (rank 0 matches a single-process run).
+        torch.manual_seed(epoch_seed(cfg.seed, epoch) + self.rank)
         set_loader_epoch(self.train_loader, epoch)
         sums: Dict[str, float] = defaultdict(float)
         steps = 0
@@ -138,8 +142,12 @@ class Trainer:
             with autocast(self.device, cfg.precision):
                 out = self.model(batch)
             loss = sum(v for k, v in out.items() if k.endswith("_loss"))
-            values = {k: float(v) for k, v in zip(out, torch.stack([v.detach().float() for v in out.values()])
-                                                 .cpu().tolist())}
+            stacked = torch.stack([v.detach().float() for v in out.values()])
+            if self.world_size > 1:
+                # Logged values are global-batch values: the gathered losses are so already, per-sample ones
+                # (id, accuracies) become so by averaging over processes (equal shares).
+                stacked = dist_utils.mean_over_processes(stacked)
+            values = {k: float(v) for k, v in zip(out, stacked.cpu().tolist())}
             if not self._finite(values, loss, epoch, it):
                 continue
             self.optimizer.zero_grad(set_to_none=True)
@@ -169,15 +177,13 @@ class Trainer:
         return {k: v / max(steps, 1) for k, v in sums.items()}
 
     def _finite(self, values: Dict[str, float], loss: torch.Tensor, epoch: int, it: int) -> bool:
+        # `values` are means over processes: a non-finite loss on any process is non-finite on all of them,
+        # so every process skips (or stops) together.
         bad = [k for k, v in values.items() if k.endswith("_loss") and not math.isfinite(v)]
-        if self.world_size > 1:
-            bad_anywhere = dist_utils.any_true(bool(bad), self.device)
-        else:
-            bad_anywhere = bool(bad)
-        if not bad_anywhere:
+        if not bad:
             return True
         self.nonfinite_steps += 1
-        terms = ", ".join(f"{k}={values[k]}" for k in bad) or "on another process"
+        terms = ", ".join(f"{k}={values[k]}" for k in bad)
         if self.nonfinite_steps > self.cfg.skip_nonfinite_steps:
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch}, iteration {it}: {terms}; the last good checkpoints in "

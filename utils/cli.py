@@ -2,20 +2,36 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import shutil
 import sys
 import tempfile
+import traceback
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from utils.config import parse_overrides
+from utils.config import FIELDS, parse_overrides
 from utils.errors import UserError
 
 
 def split_argv(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, dict]:
     """Entry-point flags via `parser`; every other `--key value` is a config override (checked by name)."""
     args, rest = parser.parse_known_args(argv)
+    _check_misspelt_flags(parser, rest)
     return args, parse_overrides(list(rest))
+
+
+def _check_misspelt_flags(parser: argparse.ArgumentParser, rest: Sequence[str]) -> None:
+    """An unknown `--key` closest to one of the entry point's own flags is named with that flag (config keys get
+    their suggestion from parse_overrides)."""
+    flags = sorted(set(re.findall(r"--(\w+)", parser.format_usage())))
+    for token in rest:
+        key = token[2:].split("=", 1)[0] if token.startswith("--") else ""
+        if key and key not in FIELDS:
+            close = difflib.get_close_matches(key, flags + list(FIELDS), n=1, cutoff=0.5)
+            if close and close[0] in flags:
+                raise UserError(f"command line: unknown option '--{key}'; did you mean '--{close[0]}'?")
 
 
 def run_main(main: Callable[[List[str]], int], argv: Optional[List[str]] = None) -> None:
@@ -28,6 +44,10 @@ def run_main(main: Callable[[List[str]], int], argv: Optional[List[str]] = None)
             raise
         print(f"error: {e}", file=sys.stderr)
         code = getattr(e, "exit_code", 2)
+        # Release what the failed call held (e.g. data-loader workers) now: torch re-raises a worker's error from
+        # a frame that refers to it, a cycle that the garbage collector would otherwise meet much later and then
+        # stop each worker only after a 5 s timeout.
+        traceback.clear_frames(e.__traceback__)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130

@@ -65,9 +65,14 @@ class Config:
     distributed: bool = _opt(False, "Set automatically under torchrun.")
     world_size: int = _opt(1, "Number of processes; set automatically under torchrun.")
     local_rank: int = _opt(0, "Set automatically under torchrun.")
-    gather_features: bool = _opt(True, "With several processes, contrastive losses see every rank's features.")
-    batch_size_scope: str = _opt("global", "Whether batch_size is the global batch (split over processes) or "
-                                           "per process.", ("global", "per_process"))
+    gather_features: bool = _opt(True, "With several processes, the batch-level losses (itc, sdm, cmpm, the "
+                                       "MoE balancing loss) see the global batch, gathered from every process, "
+                                       "as in a single-process run on it; off: each process's own share.")
+    batch_size_scope: str = _opt("global", "'global': batch_size is the batch of one optimizer step, split evenly "
+                                           "over the processes (so it must divide by their number), and a config "
+                                           "means the same at any process count; 'per_process': every process "
+                                           "takes batch_size, the global batch is batch_size x processes.",
+                                 ("global", "per_process"))
     training: bool = _opt(True, "Kept for reference configs; no effect.")
 
     # --- data --------------------------------------------------------------------------------------------
@@ -77,7 +82,7 @@ class Config:
     vocab_size: int = _opt(49408, "Vocabulary size of the tokenizer (fixed by CLIP's BPE).")
     sampler: str = _opt("random", "Training sampler.", ("random", "identity"))
     num_instance: int = _opt(4, "Images per identity in a batch of the identity sampler (K of P x K).")
-    batch_size: int = _opt(64, "Training batch size.")
+    batch_size: int = _opt(64, "Training batch size; with several processes see batch_size_scope.")
     test_batch_size: int = _opt(512, "Batch size when embedding the evaluation split.")
     MLM: bool = _opt(False, "Kept for reference configs; MLM inputs are built when 'mlm' is in loss_names.")
     masked_token_rate: float = _opt(0.8, "Share of chosen MLM tokens replaced by <|mask|>.")

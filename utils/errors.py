@@ -4,6 +4,12 @@ Library code raises `UserError` with a one-line explanation (what is wrong, whic
 expected). Entry points (`train.py`, `test.py`, `retrieve.py`) print that line and exit non-zero without a
 traceback unless `--debug` is given.
 """
+import re
+
+# torch's DataLoader re-raises an exception from a worker process as `type(text)`, where the text holds the
+# worker's whole traceback; the user's one line is the last line of that traceback ("module.Type: message").
+_WORKER_TRACEBACK = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\s*Original Traceback "
+                               r"\(most recent call last\):.*\n[\w.]+: ([^\n]+)\s*$", re.S)
 
 
 class UserError(Exception):
@@ -12,4 +18,8 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+        message = str(message)
+        from_worker = _WORKER_TRACEBACK.match(message)
+        super().__init__(" ".join((from_worker.group(1) if from_worker else message).split()))
+        if from_worker:
+            self.add_note(message)  # printed with the traceback only (--debug)
