@@ -19,8 +19,14 @@ args, over = split_argv(parser(), sys.argv[1:]); print(build_config(args.config_
 train_and_test() {
     config=$1; shift
     "$PYTHON" "$HERE/tools/preflight.py" --config_file "$config" "$@"
-    "$PYTHON" "$HERE/train.py" --config_file "$config" "$@"
     dir=$(run_dir --config_file "$config" "$@")
+    if [ -f "$dir/last.pth" ]; then
+        # Never overwrite a run: continue it (a finished one is only tested again).
+        echo "note: $dir already holds a run; continuing it (use another --name for a new one)"
+        "$PYTHON" "$HERE/train.py" --config_file "$config" "$@" --resume
+    else
+        "$PYTHON" "$HERE/train.py" --config_file "$config" "$@"
+    fi
     "$PYTHON" "$HERE/test.py" --config_file "$dir/configs.yaml"
 }
 

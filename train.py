@@ -65,6 +65,10 @@ def run_training(cfg, rank: int, world_size: int, local_rank: int) -> int:
     cfg.world_size, cfg.distributed, cfg.local_rank = world_size, world_size > 1, local_rank
     device = resolve_device(cfg.device, local_rank)
     run_dir = cfg.run_dir
+    existing = [n for n in ("best.pth", "last.pth") if os.path.isfile(os.path.join(run_dir, n))]
+    if existing and not cfg.resume and not cfg.overwrite:
+        raise UserError(f"run folder {run_dir} already holds {' and '.join(existing)} of an earlier run; continue it "
+                        f"with --resume, replace it with --overwrite, or choose another --name")
     partial = []
     if rank == 0:
         check_output_dir(run_dir)
@@ -82,8 +86,8 @@ def run_training(cfg, rank: int, world_size: int, local_rank: int) -> int:
         logger.info("run folder %s; device %s; precision %s; %d process(es)", run_dir, device, cfg.precision,
                     world_size)
         # The saved config starts a run, so it does not carry this invocation's resume request.
-        save_config(dataclasses.replace(cfg, resume=False, resume_ckpt_file=""), os.path.join(run_dir,
-                                                                                            "configs.yaml"))
+        save_config(dataclasses.replace(cfg, resume=False, resume_ckpt_file="", overwrite=False),
+                    os.path.join(run_dir, "configs.yaml"))
     if cfg.val_dataset == "test" and rank == 0:
         logger.warning("model selection uses the TEST split (val_dataset: test); reported test numbers are then "
                        "optimistic")

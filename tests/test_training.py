@@ -41,3 +41,19 @@ def test_test_py_writes_results(smoke_run, demo_root):
     assert results["num_gallery"] == 80 and results["num_queries"] == 160
     assert len(results["expert_usage"]["image"]) == 1
     assert os.path.isfile(os.path.join(smoke_run, "experts.png"))
+
+
+def test_a_new_run_never_replaces_an_existing_one(smoke_run, demo_root, capsys):
+    import train
+    out = os.path.dirname(os.path.dirname(smoke_run))
+    before = os.path.getmtime(os.path.join(smoke_run, "best.pth"))
+    args = ["--config_file", os.path.join(smoke_run, "configs.yaml"), "--root_dir", demo_root, "--output_dir", out]
+    with pytest.raises(SystemExit) as done:
+        run_main(train.main, args)
+    assert done.value.code == 2
+    assert "already holds best.pth and last.pth" in capsys.readouterr().err
+    # Resuming a finished run trains nothing and exits 0.
+    with pytest.raises(SystemExit) as done:
+        run_main(train.main, args + ["--resume"])
+    assert done.value.code == 0
+    assert os.path.getmtime(os.path.join(smoke_run, "best.pth")) == before

@@ -53,6 +53,8 @@ class Config:
     demo_seed: int = _opt(0, "Seed of the generated Demo-PEDES set.")
     resume: bool = _opt(False, "Continue the run from its last.pth (or resume_ckpt_file).")
     resume_ckpt_file: str = _opt("", "Checkpoint to resume from instead of <run>/last.pth.")
+    overwrite: bool = _opt(False, "Start afresh in a run folder that already holds checkpoints, replacing them "
+                                  "(without it, such a start is refused).")
     compat: str = _opt("auto", "Loading a run: 'none' (batch-independent embeddings), 'php_v1' (the reference "
                                "release's cross-batch EFP attention, to reproduce its numbers) or 'auto' "
                                "(php_v1 for published PHP checkpoints only).", ("auto", "none", "php_v1"))
