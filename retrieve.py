@@ -7,10 +7,11 @@ The gallery is a split of the run's data set (default: the test split) or any fo
 (`--gallery`, searched recursively). Its embeddings are computed once and cached under `<run>/cache/`, keyed by
 the checkpoint file and the gallery's files (see utils/gallery_cache.py); a later query reuses them.
 
-Output (stdout): per query a line `# query N: TEXT [...]`, then one line per hit: `rank score path` (cosine
-score, path relative to the current folder when it lies below it, otherwise absolute), and finally
-`# answered in S s`, timed from the moment the input is known to the printed answer (model loading excluded).
-Log messages go to stderr. The picture (`--out`, default `<run>/retrieval.png`) has one row per query.
+Output: stdout holds only the hits, one line each, `rank score path` (cosine score, path relative to the current
+folder when it lies below it, otherwise absolute, unquoted), query after query, ranks restarting at 1. stderr
+holds a `# query N: TEXT [...]` line before each query's hits and finally `# answered in S s`, timed from the
+moment the input is known to the printed answer (model loading excluded), and the log. The picture (`--out`,
+default `<run>/retrieval.png`) has one row per query.
 
 Frames in the picture: with a split gallery, a query that is one of the split's captions (`--caption N` picks
 caption N; a `--query` equal to a caption up to case and spacing counts too) has a known identity, and its hits
@@ -212,12 +213,12 @@ def main(argv) -> int:
     start = time.perf_counter()
     gallery, rows, cached, cache_file = answer(model, args.queries, split_name, args.gallery, args.topk, cache_dir)
     for q, row in enumerate(rows):
-        print(f"# query {q + 1}: {row.query} [{row.note}]")
+        print(f"# query {q + 1}: {row.query} [{row.note}]", file=sys.stderr, flush=True)
         for rank, hit in enumerate(row.hits, start=1):
-            print(f"{rank} {hit.score:.4f} {shown_path(hit.path)}")
+            print(f"{rank} {hit.score:.4f} {shown_path(hit.path)}", flush=True)
     how = "cached embeddings" if cached else "embedded now" + (", cache written" if cache_file else "")
     print(f"# answered in {time.perf_counter() - start:.3f} s (gallery of {len(gallery)} images, {how}; "
-          f"model loading {load_seconds:.2f} s not counted)", flush=True)
+          f"model loading {load_seconds:.2f} s not counted)", file=sys.stderr, flush=True)
 
     out = args.out or os.path.join(run_dir, "retrieval.png")
     draw_results(rows, out)

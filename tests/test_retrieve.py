@@ -42,24 +42,27 @@ def encode_calls(monkeypatch):
 
 
 def retrieve_cli(capsys, run_dir, *args):
-    """Run retrieve.py in-process; returns (exit code, stdout lines, stderr)."""
+    """Run retrieve.py in-process; returns (exit code, output) with output = (stdout lines, stderr)."""
     with pytest.raises(SystemExit) as done:
         run_main(retrieve.main, ["--config_file", os.path.join(run_dir, "configs.yaml"), *args])
     out, err = capsys.readouterr()
-    return done.value.code, out.splitlines(), err
+    return done.value.code, (out.splitlines(), err), err
 
 
-def parse_output(lines):
-    """[(query header, [(rank, score, path), ...]), ...] and the final timing line."""
+def parse_output(output):
+    """[(query header, [(rank, score, path), ...]), ...]: every stdout line is a hit, ranks restart at 1 for
+    each query; the query headers and the final timing line are on stderr."""
+    lines, err = output
+    headers = [line for line in err.splitlines() if line.startswith("# query ")]
     queries = []
-    for line in lines[:-1]:
-        if line.startswith("# query "):
-            queries.append((line, []))
-        else:
-            match = HIT.match(line)
-            assert match, f"unexpected output line {line!r}"
-            queries[-1][1].append((int(match.group(1)), float(match.group(2)), match.group(3)))
-    assert re.match(r"^# answered in \d+\.\d{3} s ", lines[-1]), lines[-1]
+    for line in lines:
+        match = HIT.match(line)
+        assert match, f"unexpected output line {line!r}"
+        if int(match.group(1)) == 1:
+            queries.append((headers[len(queries)], []))
+        queries[-1][1].append((int(match.group(1)), float(match.group(2)), match.group(3)))
+    assert len(queries) == len(headers)
+    assert re.search(r"^# answered in \d+\.\d{3} s ", err, re.M), err
     return queries
 
 
@@ -180,7 +183,7 @@ def test_no_cache_and_corrupt_cache(run_copy, demo_root, tmp_path, capsys, encod
     blocker.write_text("")
     code, lines, err = retrieve_cli(capsys, run_copy, *args, "--cache_dir", str(blocker / "cache"))
     assert code == 0 and "cannot write the gallery cache" in err and len(parse_output(lines)[0][1]) == 2
-    assert "embedded now;" in lines[-1]
+    assert "embedded now;" in err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -199,7 +202,7 @@ def test_bad_input_is_one_line(run_copy, demo_root, tmp_path, capsys, args, mess
             for a in args]
     code, lines, err = retrieve_cli(capsys, run_copy, "--root_dir", demo_root, "--out", str(tmp_path / "r.png"),
                                     *args)
-    assert code == 2 and lines == []
+    assert code == 2 and lines[0] == []
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
