@@ -33,22 +33,13 @@ def torchrun(*args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def one_thread():
-    # The references run in this process; with two threads on a busy 2-core machine they are up to 50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("overrides", [
     {},
     {"php_modules": "efp", "efp_attention": "batch", "gate_context": "per_modality"},
     {"php_modules": "crfm", "loss_names": "cmpm+itc"},
     {"php_modules": "none", "loss_names": "sdm+id+mlm"},
 ])
-def test_every_parameter_gets_a_gradient(overrides, one_thread):
+def test_every_parameter_gets_a_gradient(overrides, ):
     # DDP runs without find_unused_parameters; a parameter outside the loss graph would stall its reduction.
     cfg = build_config(SMOKE_CONFIG, dict(overrides, text_length="16"))
     torch.manual_seed(0)
@@ -84,7 +75,7 @@ def worker_launch(tmp_path_factory):
     return done, torch.load(out, weights_only=False)
 
 
-def test_two_processes_match_one_on_the_global_batch(worker_launch, one_thread):
+def test_two_processes_match_one_on_the_global_batch(worker_launch, ):
     _, results = worker_launch
     for name, (loss_names, scope) in ddp_worker.SCENARIOS.items():
         ref_losses, ref_state = ddp_worker.run_scenario(name)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from published_layout import write_published_run
 from utils.cli import run_main
@@ -25,15 +24,6 @@ BROKEN = os.path.join("logs", "Demo-PEDES", "broken")
 MISSING = os.path.join("logs", "RSTPReid", "irra_rstp")
 # The small published layouts use 64x32 images; Demo-PEDES stands in for the data sets they were trained on.
 DEMO = {"dataset_name": "Demo-PEDES"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread mostly waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
