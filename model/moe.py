@@ -80,7 +80,9 @@ class MoE(nn.Module):
         context = self.context[context_index].to(tokens.dtype)
         logits = (1 - self.alpha) * self.input_gate(tokens) + self.alpha * self.context_gate(context)
         top_logits, top_index = logits.topk(self.topk, dim=-1)
-        weights = top_logits.float().softmax(dim=-1).to(tokens.dtype)
+        # logits.dtype, not tokens.dtype: under CUDA autocast the gate's output is bf16/fp16 while the tokens
+        # (a LayerNorm output) are fp32, and scatter needs one dtype.
+        weights = top_logits.float().softmax(dim=-1).to(logits.dtype)
         gates = torch.zeros_like(logits).scatter(-1, top_index, weights)
         # Every expert runs on every token: with K part tokens per sample the dense form is cheap, needs no
         # data-dependent indexing, and keeps all experts in the graph (which DDP requires).

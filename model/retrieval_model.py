@@ -90,7 +90,7 @@ class RetrievalModel(nn.Module):
         text_feats, _, text_aux = self._text(batch["caption_ids"])
         image_feats, text_feats = image_feats.float(), text_feats.float()
         pids = batch["pids"]
-        out: Dict[str, torch.Tensor] = {"temperature": torch.tensor(1.0 / self.logit_scale)}
+        out: Dict[str, torch.Tensor] = {"temperature": image_feats.new_tensor(1.0 / self.logit_scale)}
         weights = self.loss_weights
 
         if any(name in weights for name in CONTRASTIVE):
