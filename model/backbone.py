@@ -44,19 +44,51 @@ ARCHITECTURES: Dict[str, ClipShape] = {
 }
 
 
-def build_clip(shape: ClipShape, img_size: Sequence[int], context_length: Optional[int] = None) -> CLIP:
-    """An open_clip CLIP (QuickGELU) for `img_size` (H, W), with attention heads = width // 64."""
-    h, w = int(img_size[0]), int(img_size[1])
-    if h % shape.patch_size or w % shape.patch_size:
-        raise UserError(f"img_size {h}x{w} is not a multiple of the backbone's patch size {shape.patch_size}")
+def _clip(shape: ClipShape, h: int, w: int, context_length: Optional[int], block_type: str) -> CLIP:
     vision = CLIPVisionCfg(layers=shape.vision_layers, width=shape.vision_width, head_width=64,
-                           patch_size=shape.patch_size, image_size=(h, w), output_tokens=True)
+                           patch_size=shape.patch_size, image_size=(h, w), output_tokens=True, block_type=block_type)
     text = CLIPTextCfg(context_length=context_length or shape.context_length, vocab_size=shape.vocab_size,
-                       width=shape.text_width, heads=max(1, shape.text_width // 64), layers=shape.text_layers)
+                       width=shape.text_width, heads=max(1, shape.text_width // 64), layers=shape.text_layers,
+                       block_type=block_type)
     clip = CLIP(shape.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=True)
     # The temperature is fixed (SPEC 4); an unused trainable scale would only confuse DDP and the optimizer.
     del clip.logit_scale
     return clip
+
+
+def _accept_checkpoint_call(block: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: open_clip's Transformer checkpoints a block as `block(x, None, None, attn_mask)` (the
+    default block's signature); its custom block takes `(x, attn_mask=...)`."""
+    if len(args) == 4:
+        return (args[0],), {**kwargs, "attn_mask": args[3]}
+    return None
+
+
+def build_clip(shape: ClipShape, img_size: Sequence[int], context_length: Optional[int] = None,
+               fused_attention: bool = True) -> CLIP:
+    """An open_clip CLIP (QuickGELU) for `img_size` (H, W), with attention heads = width // 64.
+
+    With `fused_attention`, both towers use open_clip's 'custom' blocks, whose attention calls
+    scaled_dot_product_attention on batch-first tensors directly; nn.MultiheadAttention (the default blocks)
+    adds transposes, copies and packed-projection bookkeeping around the same kernel (measured: a bf16 training
+    step of the paper-size PHP model 1.46x faster on a 2-core CPU). Parameter names, and so state dicts, are the
+    same for both block types, and the weights are exactly those of the default build (its initialisation and
+    random stream), so only the speed changes.
+    """
+    h, w = int(img_size[0]), int(img_size[1])
+    if h % shape.patch_size or w % shape.patch_size:
+        raise UserError(f"img_size {h}x{w} is not a multiple of the backbone's patch size {shape.patch_size}")
+    clip = _clip(shape, h, w, context_length, "default")
+    if not fused_attention:
+        return clip
+    with torch.device("meta"):
+        fused = _clip(shape, h, w, context_length, "custom")
+    fused.load_state_dict(clip.state_dict(), strict=True, assign=True)
+    fused.attn_mask = clip.attn_mask  # the one buffer outside the state dict
+    for tower in (fused.transformer, fused.visual.transformer):
+        for block in tower.resblocks:
+            block.register_forward_pre_hook(_accept_checkpoint_call, with_kwargs=True)
+    return fused
 
 
 def shape_from_state_dict(sd: Dict[str, torch.Tensor], prefix: str = "") -> ClipShape:

@@ -106,7 +106,11 @@ class Trainer:
                 means = self.train_epoch(epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
-                record = {"epoch": epoch, "lr": lr, "seconds": round(time.time() - start, 2), "losses": means}
+                seconds = time.time() - start
+                global_batch = cfg.batch_size * (self.world_size if cfg.batch_size_scope == "per_process" else 1)
+                record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 2),
+                          "samples_per_s": round(len(self.train_loader) * global_batch / max(seconds, 1e-9), 2),
+                          "losses": means}
                 improved = False
                 if epoch % cfg.eval_period == 0 or epoch == cfg.num_epoch:
                     results = self.evaluate(epoch)
