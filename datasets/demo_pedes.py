@@ -258,11 +258,14 @@ def _make_identity(seed: int, pid: int, split: str, images_per_id: int, image_si
     return entries
 
 
-def generate_demo_pedes(dataset_dir: str, seed: int = 0, num_train_ids: int = 300, num_val_ids: int = 100,
+def generate_demo_pedes(dataset_dir: str, seed: int = 0, num_train_ids: int = 600, num_val_ids: int = 100,
                         num_test_ids: int = 200, images_per_id: int = 4,
                         image_size: Tuple[int, int] = (192, 64)) -> None:
     """Write the Demo-PEDES set into `dataset_dir` (CUHK-PEDES layout), deterministically from `seed`.
 
+    600 training identities rather than the 300 the spec asks at least: a model trained from scratch in the
+    demo's 10 minutes generalised much better from more identities than from more passes over fewer (val R1
+    59 after 10 epochs over 600, against 44 at best over 22 epochs of 300).
     Ids start at 1: train ids first, then val, then test. The set is written into a temporary sibling folder
     that is renamed into place at the end, so an interrupted run never leaves a half-written set. An existing
     `dataset_dir` is replaced only if it is empty or holds a `reid_raw.json` (a previous generation).

@@ -14,7 +14,7 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
         sys.path.insert(0, path)
 
 SMOKE_CONFIG = os.path.join(ROOT, "configs", "smoke.yaml")
-# Identities per split of the test-sized Demo-PEDES (the full set has 300 / 100 / 200).
+# Identities per split of the test-sized Demo-PEDES (the full set has 600 / 100 / 200).
 DEMO_TEST_SIZES = {"num_train_ids": 60, "num_val_ids": 20, "num_test_ids": 20, "images_per_id": 4}
 
 
