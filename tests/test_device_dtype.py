@@ -28,11 +28,19 @@ def total_loss(out):
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_forward_and_backward_on_the_meta_device(preset, monkeypatch):
-    # Boolean indexing (MLM labels) has no meta shape of its own; let it assume every element selected.
-    monkeypatch.setattr(torch.fx.experimental._config, "meta_nonzero_assume_all_nonzero", True)
+    # Boolean indexing (MLM labels, the MoE's padding mask) has no meta shape of its own; torch builds that have
+    # the switch let it assume every element selected, others cannot run those presets on meta.
+    config = torch.fx.experimental._config
+    if hasattr(config, "meta_nonzero_assume_all_nonzero"):
+        monkeypatch.setattr(config, "meta_nonzero_assume_all_nonzero", True)
     model = build_model(tiny_cfg(**PRESETS[preset]), num_classes=4).to("meta").train()
     inputs = {k: v.to("meta") for k, v in batch(4, mlm=True).items()}
-    out = model(inputs)
+    try:
+        out = model(inputs)
+    except NotImplementedError as e:
+        if "nonzero" not in str(e):
+            raise
+        pytest.skip(f"this torch build has no meta kernel for nonzero: {e}")
     assert all(v.device.type == "meta" for v in out.values())
     total_loss(out).backward()
     model.eval()

@@ -288,8 +288,14 @@ def open_tmp():
 def test_read_only_output_folder(tiny_root, open_tmp):
     out = os.path.join(open_tmp, "read_only")
     os.mkdir(out, 0o555)
+    # The user the child becomes may not be able to read a checkout in a private folder: give it a copy.
+    argv = train_argv(tiny_root, out)
+    config = os.path.join(open_tmp, "smoke.yaml")
+    shutil.copy(argv[argv.index("--config_file") + 1], config)
+    os.chmod(config, 0o644)
+    argv[argv.index("--config_file") + 1] = config
     receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
-    child = _in_child(_train_as_nobody, train_argv(tiny_root, out), send)
+    child = _in_child(_train_as_nobody, argv, send)
     assert receive.poll(300), "the training process did not report"
     code, err = receive.recv()
     child.join(60)
