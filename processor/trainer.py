@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from datasets.loaders import set_loader_epoch
+from datasets.loaders import per_process_batch_size, set_loader_epoch
 from solver import build_lr_scheduler, build_optimizer, describe_param_groups
 from utils import distributed as dist_utils
 from utils.checkpoint import read_checkpoint, save_checkpoint
@@ -107,7 +107,7 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
                 seconds = time.time() - start
-                global_batch = cfg.batch_size * (self.world_size if cfg.batch_size_scope == "per_process" else 1)
+                global_batch = per_process_batch_size(cfg, self.world_size) * self.world_size
                 record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 2),
                           "samples_per_s": round(len(self.train_loader) * global_batch / max(seconds, 1e-9), 2),
                           "losses": means}

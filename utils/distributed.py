@@ -64,15 +64,6 @@ def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
 
-def any_true(flag: bool, device: torch.device) -> bool:
-    """True on every process if `flag` is True on any (so all processes take the same branch)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
     """The mean of `x` over every process (no gradient); `x` itself without a process group."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
