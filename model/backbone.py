@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
+from model.attention import use_tower_attention
 from utils.errors import UserError
 
 logger = logging.getLogger("php.model")
@@ -68,10 +69,10 @@ def build_clip(shape: ClipShape, img_size: Sequence[int], context_length: Option
                fused_attention: bool = True) -> CLIP:
     """An open_clip CLIP (QuickGELU) for `img_size` (H, W), with attention heads = width // 64.
 
-    With `fused_attention`, both towers use open_clip's 'custom' blocks, whose attention calls
-    scaled_dot_product_attention on batch-first tensors directly; nn.MultiheadAttention (the default blocks)
-    adds transposes, copies and packed-projection bookkeeping around the same kernel (measured: a bf16 training
-    step of the paper-size PHP model 1.46x faster on a 2-core CPU). Parameter names, and so state dicts, are the
+    With `fused_attention`, both towers use open_clip's 'custom' blocks, whose attention works on batch-first
+    tensors directly (scaled_dot_product_attention on CUDA, model/attention.py on the CPU);
+    nn.MultiheadAttention (the default blocks) adds transposes, copies and packed-projection bookkeeping around
+    the same kernel (measured: a bf16 training step of the paper-size PHP model 1.46x faster on a 2-core CPU). Parameter names, and so state dicts, are the
     same for both block types, and the weights are exactly those of the default build (its initialisation and
     random stream), so only the speed changes.
     """
@@ -86,6 +87,7 @@ def build_clip(shape: ClipShape, img_size: Sequence[int], context_length: Option
     fused.load_state_dict(clip.state_dict(), strict=True, assign=True)
     fused.attn_mask = clip.attn_mask  # the one buffer outside the state dict
     for tower in (fused.transformer, fused.visual.transformer):
+        use_tower_attention(tower.resblocks)
         for block in tower.resblocks:
             block.register_forward_pre_hook(_accept_checkpoint_call, with_kwargs=True)
     return fused

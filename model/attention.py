@@ -1,0 +1,60 @@
+"""Self-attention of the CLIP towers: open_clip's batch-first attention, with its own path on the CPU.
+
+The blocks call `scaled_dot_product_attention`, as open_clip's 'custom' blocks do, except in bf16 / fp16 on the
+CPU: there SDPA's math kernel upcasts its inputs to fp32, so its two matrix products run at fp32 speed, and the
+CPU flash kernel's low-precision backward is slower still at these short sequences. In that case the attention
+is two matrix products around a softmax in the compute dtype, with the softmax itself taken in fp32 (what a
+non-fused attention does under CUDA autocast). In fp32 on the CPU, SDPA's flash kernel is the fastest and stays.
+`python benchmarks/attention_cpu.py` measures the choice; its figures are in benchmarks/README.md.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from open_clip.transformer import Attention
+
+
+class TowerAttention(Attention):
+    """open_clip's `Attention` (same parameters, same results up to rounding) with the CPU path above."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        low_precision = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
+        if x.device.type == "cpu" and low_precision and self.logit_scale is None:
+            return self.matmul_attention(x, attn_mask)
+        return super().forward(x, attn_mask)
+
+    def matmul_attention(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention as matmul, fp32 softmax, matmul (any device, any dtype)."""
+        n, length, width = x.shape
+        qkv = torch.nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(n, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.ln_q(q), self.ln_k(k)
+        scores = (q * self.scale) @ k.transpose(-1, -2)
+        if attn_mask is not None:
+            scores = scores + additive_mask(attn_mask, n, self.num_heads, length, scores.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        out = self.attn_drop(probs) @ v
+        if self.head_scale is not None:
+            out = out * self.head_scale
+        out = out.transpose(1, 2).reshape(n, length, width)
+        return self.out_drop(self.out_proj(self.ln_inner(out)))
+
+
+def additive_mask(mask: torch.Tensor, n: int, heads: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask as open_clip's blocks accept it ([L, L], [N*heads, L, L] or [N, heads, L, L]; bool
+    True = blocked, or additive floats) as additive scores that broadcast against [N, heads, L, L]."""
+    if mask.ndim == 3:
+        mask = mask.reshape(n, heads, length, length)
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def use_tower_attention(blocks) -> None:
+    """Give each of open_clip's custom residual blocks the CPU path; the module keeps its parameters."""
+    for block in blocks:
+        if type(block.attn) is not Attention:
+            raise TypeError(f"expected open_clip's Attention in {type(block).__name__}, got {type(block.attn)}")
+        # open_clip builds the module inside the block; re-classing it keeps its parameters and state-dict names.
+        block.attn.__class__ = TowerAttention
