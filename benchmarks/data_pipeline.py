@@ -1,12 +1,14 @@
 """Images per second through the training data pipeline (decode, resize, augmentation, collation) per worker count,
 set against the model step's samples per second, to show whether data loading limits training.
 
-    python benchmarks/data_pipeline.py --workers 0,1,2,8 --batch_size 64 [--root_dir ./data]
+    python benchmarks/data_pipeline.py --workers 0,1,2,8 --batch_size 64 [--cache off,on] [--root_dir ./data]
         [--dataset_name Demo-PEDES] [--step_json out.json | --step_samples_per_s 12.5] [--json pipeline.json]
 
 Each worker count gets a fresh `build_train_loader` (the trainer's loader: its sampler, per-item seeding,
 tokenisation, `img_aug` transforms, collate). The first batch (worker start-up, which the trainer pays once per
 epoch since workers are not persistent) is timed apart; the rate is over the following `--batches` batches.
+`--cache off,on` also measures each worker count with `cache_images` (images decoded and resized once, before
+training; that preload is timed apart as well); its rows are keyed "<workers>+cache" in the JSON.
 Demo-PEDES is generated under `--root_dir` when missing, at `--demo_image_size` (default 384x128, the model's
 input size; CUHK-PEDES crops are mostly smaller, so decoding them costs less).
 
@@ -43,8 +45,10 @@ def ensure_demo(root_dir: str, image_size: List[int]) -> None:
 
 
 def time_loader(cfg, dataset, batches: int, repeats: int) -> Dict[str, float]:
-    """Start-up time (first batch) and the median images/s over `repeats` passes of `batches` batches."""
+    """Preload and start-up time (first batch) and the median images/s over `repeats` passes of `batches`."""
+    start = time.perf_counter()
     loader = build_train_loader(cfg, dataset)
+    preload = time.perf_counter() - start
     available = len(loader) - 1
     if available < 1:
         raise SystemExit(f"error: the train split gives {len(loader)} batch(es) of {cfg.batch_size}; need >= 2")
@@ -63,7 +67,7 @@ def time_loader(cfg, dataset, batches: int, repeats: int) -> Dict[str, float]:
         startups.append(first - start)
         rates.append(batches * cfg.batch_size / (end - first))
     return {"images_per_s": statistics.median(rates), "startup_s": statistics.median(startups),
-            "batches": batches, "passes_images_per_s": [round(r, 2) for r in rates]}
+            "preload_s": preload, "batches": batches, "passes_images_per_s": [round(r, 2) for r in rates]}
 
 
 def step_rate(args: argparse.Namespace) -> Tuple[Optional[float], str]:
@@ -93,6 +97,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workers", default="0,1,2,8", help="comma-separated loader worker counts")
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--cache", default="off", help="cache_images settings to measure: off, on or off,on")
     p.add_argument("--batches", type=int, default=10, help="timed batches per pass (after the first)")
     p.add_argument("--repeats", type=int, default=1, help="passes per worker count; the median is kept")
     p.add_argument("--root_dir", default=os.path.join(ROOT, "data"))
@@ -112,6 +117,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--workers {args.workers!r}: expected comma-separated integers such as 0,1,2,8")
     if not args.worker_counts or min(args.worker_counts) < 0:
         p.error(f"--workers {args.workers!r}: expected non-negative worker counts")
+    args.cache_modes = [c.strip() for c in args.cache.split(",") if c.strip()]
+    if not args.cache_modes or set(args.cache_modes) - {"off", "on"}:
+        p.error(f"--cache {args.cache!r}: expected off, on or off,on")
     return args
 
 
@@ -129,17 +137,20 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"img_size {cfg0.img_size[0]}x{cfg0.img_size[1]}, img_aug {cfg0.img_aug}; {os.cpu_count()} CPUs")
     if step:
         print(f"model step: {step:.2f} samples/s ({step_source})")
-    print(f"{'workers':>7} {'images/s':>9} {'start-up s':>10} {'vs step':>8}")
+    print(f"{'workers':>7} {'cache':>5} {'images/s':>9} {'preload s':>9} {'start-up s':>10} {'vs step':>8}")
     for workers in args.worker_counts:
-        cfg = build_config(args.config, {"dataset_name": args.dataset_name, "root_dir": args.root_dir,
-                                         "batch_size": args.batch_size, "num_workers": workers})
-        r = time_loader(cfg, dataset, args.batches, args.repeats)
-        if step:
-            r["vs_step"] = r["images_per_s"] / step
-        results[str(workers)] = r
-        ratio = f"{r['vs_step']:.2f}x" if step else "-"
-        limit = "  data-bound" if step and r["vs_step"] < 1 else ""
-        print(f"{workers:>7} {r['images_per_s']:>9.1f} {r['startup_s']:>10.2f} {ratio:>8}{limit}", flush=True)
+        for cache in args.cache_modes:
+            cfg = build_config(args.config, {"dataset_name": args.dataset_name, "root_dir": args.root_dir,
+                                             "batch_size": args.batch_size, "num_workers": workers,
+                                             "cache_images": cache == "on"})
+            r = time_loader(cfg, dataset, args.batches, args.repeats)
+            if step:
+                r["vs_step"] = r["images_per_s"] / step
+            results[f"{workers}+cache" if cache == "on" else str(workers)] = r
+            ratio = f"{r['vs_step']:.2f}x" if step else "-"
+            limit = "  data-bound" if step and r["vs_step"] < 1 else ""
+            print(f"{workers:>7} {cache:>5} {r['images_per_s']:>9.1f} {r['preload_s']:>9.2f} "
+                  f"{r['startup_s']:>10.2f} {ratio:>8}{limit}", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         meta = {"dataset_name": args.dataset_name, "batch_size": args.batch_size, "cpus": os.cpu_count(),

@@ -7,6 +7,8 @@ initialisation) is left untouched.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -53,15 +55,48 @@ class _Captions:
         return {"captions": self.captions, "text_length": self.text_length, "_cache": {}}
 
 
+class PreloadedImages:
+    """Each distinct image decoded and passed through `load` once, all held in one tensor (uint8 [N, 3, H, W]
+    for image_transforms' `load`): worker processes forked later share its memory instead of copying it."""
+
+    def __init__(self, paths: Sequence[str], load: Callable, threads: Optional[int] = None):
+        unique = list(dict.fromkeys(paths))
+        if not unique:
+            raise ValueError("no images to preload")
+        self.index = {path: i for i, path in enumerate(unique)}
+        first = load(read_image(unique[0]))
+        self.data = torch.empty((len(unique), *first.shape), dtype=first.dtype)
+        self.data[0] = first
+
+        def fill(i: int) -> None:
+            self.data[i] = load(read_image(unique[i]))
+
+        # PIL releases the GIL while decoding and resizing, so threads overlap the work.
+        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            list(pool.map(fill, range(1, len(unique))))
+
+    def __getitem__(self, path: str) -> torch.Tensor:
+        return self.data[self.index[path]]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
 class ImageTextDataset(Dataset):
     """Training pairs `(pid, image_id, img_path, caption)` -> dict of `pids`, `image_ids`, `images`,
-    `caption_ids` and, with `mlm`, `mlm_ids` and `mlm_labels` (SPEC 3)."""
+    `caption_ids` and, with `mlm`, `mlm_ids` and `mlm_labels` (SPEC 3).
+
+    Images are read from disk, or taken from `images` (PreloadedImages) when given; `transform` applies to what
+    either gives (a PIL image, or the preloaded tensor).
+    """
 
     def __init__(self, pairs: Sequence[Tuple[int, int, str, str]], transform: Optional[Callable] = None,
                  text_length: int = 77, mlm: bool = False, mask_rate: float = 0.15, replace_mask: float = 0.8,
-                 replace_random: float = 0.1, seed: int = 0):
+                 replace_random: float = 0.1, seed: int = 0, images: Optional[PreloadedImages] = None):
         self.pairs = pairs
         self.transform = transform
+        self.images = images
         self.mlm = mlm
         self.mask_rate = mask_rate
         self.replace_mask = replace_mask
@@ -79,7 +114,7 @@ class ImageTextDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, object]:
         pid, image_id, img_path, _ = self.pairs[index]
-        img = read_image(img_path)
+        img = read_image(img_path) if self.images is None else self.images[img_path]
         caption_ids = self.caption_ids[index]
         item: Dict[str, object] = {"pids": pid, "image_ids": image_id, "caption_ids": caption_ids}
         with torch.random.fork_rng(devices=[]):

@@ -1,16 +1,19 @@
 """Batch collation and the training / evaluation DataLoaders built from the run config."""
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from datasets.base import PedesDataset
-from datasets.image_text import ImageDataset, ImageTextDataset, TextDataset, mlm_options
+from datasets.image_text import ImageDataset, ImageTextDataset, PreloadedImages, TextDataset, mlm_options
 from datasets.samplers import RandomIdentitySampler, ShuffleSampler
-from datasets.transforms import build_transforms
+from datasets.transforms import build_transforms, image_transforms
 from utils.errors import UserError
+
+logger = logging.getLogger("php.data")
 
 
 def collate(batch: List[Dict[str, object]]) -> Dict[str, object]:
@@ -46,9 +49,16 @@ def build_train_loader(cfg, dataset: PedesDataset, rank: int = 0, world_size: in
     if not dataset.train:
         raise UserError(f"{dataset.name}: the train split is empty")
     batch_size = per_process_batch_size(cfg, world_size)
-    transform = build_transforms(cfg.img_size, is_train=True, aug=cfg.img_aug)
+    images = None
+    if cfg.cache_images:
+        load, transform = image_transforms(cfg.img_size, is_train=True, aug=cfg.img_aug)
+        images = PreloadedImages([p[2] for p in dataset.train], load)
+        logger.info("cache_images: %d training images preloaded (%.1f MB)", len(images.index), images.nbytes / 2**20)
+    else:
+        transform = build_transforms(cfg.img_size, is_train=True, aug=cfg.img_aug)
     train_set = ImageTextDataset(dataset.train, transform, cfg.text_length, mlm="mlm" in cfg.losses,
-                                 seed=cfg.seed, **mlm_options(cfg.masked_token_rate, cfg.masked_token_unchanged_rate))
+                                 seed=cfg.seed, images=images,
+                                 **mlm_options(cfg.masked_token_rate, cfg.masked_token_unchanged_rate))
     if cfg.sampler == "identity":
         sampler = RandomIdentitySampler([p[0] for p in dataset.train], batch_size, cfg.num_instance, cfg.seed,
                                         num_replicas=world_size, rank=rank)

@@ -64,15 +64,20 @@ def test_data_pipeline_against_a_step_json(demo_root, tmp_path, capsys):
                                 "_meta": {"batch_size": 8, "device_name": "toy"}}))
     out = tmp_path / "pipe.json"
     assert data_pipeline.main(["--workers", "0,1", "--batch_size", "8", "--batches", "2", "--root_dir", demo_root,
-                               "--step_json", str(step), "--json", str(out)]) == 0
+                               "--cache", "off,on", "--step_json", str(step), "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert set(results["workers"]) == {"0", "1"}
+    assert set(results["workers"]) == {"0", "1", "0+cache", "1+cache"}
     for r in results["workers"].values():
-        assert r["images_per_s"] > 0 and r["startup_s"] >= 0
+        assert r["images_per_s"] > 0 and r["startup_s"] >= 0 and r["preload_s"] >= 0
         assert r["vs_step"] == pytest.approx(r["images_per_s"] / 4.0)
     assert results["_meta"]["step_source"].startswith("bf16")
     slower = any(r["vs_step"] < 1 for r in results["workers"].values())
     assert ("data-bound" in capsys.readouterr().out) == slower
+
+
+def test_data_pipeline_rejects_an_unknown_cache_setting(demo_root):
+    with pytest.raises(SystemExit):
+        data_pipeline.main(["--workers", "0", "--cache", "maybe", "--root_dir", demo_root])
 
 
 def test_data_pipeline_names_a_missing_step_mode(demo_root, tmp_path):

@@ -1,6 +1,7 @@
 """Samplers, transforms, the torch Datasets, collate and the loaders end to end on tiny PNGs."""
 import json
 import os
+import re
 from collections import Counter
 
 import pytest
@@ -216,3 +217,28 @@ def test_per_process_batch_size():
     assert per_process_batch_size(small_cfg(batch_size=64, batch_size_scope="per_process"), 4) == 64
     with pytest.raises(UserError, match="divisible"):
         per_process_batch_size(small_cfg(batch_size=64), 3)
+
+
+@pytest.mark.parametrize("aug", [True, False])
+def test_cache_images_gives_the_same_batches(tmp_path, aug):
+    ds = write_pngs(str(tmp_path), n_train_ids=6)
+    batches = {}
+    for cache in (False, True):
+        loader = build_train_loader(small_cfg(loss_names="itc+mlm", img_aug=aug, cache_images=cache), ds)
+        set_loader_epoch(loader, 3)
+        batches[cache] = list(loader)
+    preloaded = loader.dataset.images
+    assert len(preloaded.index) == 12 and preloaded.data.dtype == torch.uint8  # each distinct image once
+    assert preloaded.data.shape == (12, 3, 32, 16) and preloaded.nbytes == 12 * 3 * 32 * 16
+    assert len(batches[True]) == len(batches[False]) == 6
+    for a, b in zip(batches[False], batches[True]):
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_cache_images_names_an_unreadable_image(tmp_path):
+    ds = write_pngs(str(tmp_path))
+    bad = ds.train[2][2]
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(UserError, match="cannot read image " + re.escape(bad)):
+        build_train_loader(small_cfg(cache_images=True), ds)
