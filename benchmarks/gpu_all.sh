@@ -7,7 +7,8 @@
 #      plain process and as one process under torchrun: samples/s of the last epoch;
 #   3. the data pipeline with 8 workers against the step of 1;
 #   4. batch 128 in bf16 with and without grad_checkpointing (peak memory: does 128 fit in 24 GB?);
-#   5. torch.compile of the bf16 step.
+#   5. torch.compile of the bf16 step (each backbone block compiled in place: the whole model did not compile
+#      within 120 s on an H100 in the first try).
 # Usage (from the repository root):  sh benchmarks/gpu_all.sh
 # Writes the JSON of each part and gpu_all.log to $OUT (default ./benchmark_out); DATA (default
 # /tmp/php_bench_data) receives the generated set. DRY=1 runs the same sequence on the CPU with a tiny model

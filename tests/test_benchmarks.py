@@ -29,6 +29,15 @@ def test_train_step_writes_every_mode(tmp_path, capsys):
     assert "samples/s" in printed and "GFLOP" in printed
 
 
+def test_train_step_compiles_the_backbone_blocks(tmp_path):
+    """The 'compile' mode compiles each backbone block in place (regional compilation) and still trains."""
+    args = train_step.parse_args(TOY + ["--modes", "compile", "--no_flops"])
+    assert args.compile_scope == "blocks"
+    record = train_step.run_worker(args, "compile", "bf16", count=False)
+    assert record.get("compile_scope") == "blocks", record
+    assert record["samples_per_s"] > 0 and record["precision"] == "bf16"
+
+
 def test_train_step_failed_mode_is_reported_not_raised(tmp_path):
     args = train_step.parse_args(TOY + ["--modes", "half", "--mode_timeout", "0"])
     record = train_step.run_worker(args, "half", "bf16", count=False)
