@@ -13,6 +13,7 @@ import torch
 from datasets import build_dataset
 from datasets.loaders import build_eval_loaders, build_train_loader
 from model import build_model
+from model.backbone import compile_blocks
 from processor.trainer import Trainer
 from utils import distributed as dist_utils
 from utils.checkpoint import remove_partial_checkpoints
@@ -105,6 +106,8 @@ def run_training(cfg, rank: int, world_size: int, local_rank: int) -> int:
     model = build_model(cfg, dataset.num_classes).to(device)
     if cfg.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
+    if cfg.torch_compile:
+        compile_blocks(model.backbone)
     if world_size > 1 and cfg.gather_features:
         dist_utils.use_global_batch(model, world_size)
     if rank == 0:

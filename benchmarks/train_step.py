@@ -43,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model import build_model  # noqa: E402
-from model.backbone import ARCHITECTURES, build_clip  # noqa: E402
+from model.backbone import ARCHITECTURES, build_clip, compile_blocks  # noqa: E402
 from solver import build_optimizer  # noqa: E402
 from utils.config import build_config  # noqa: E402
 from utils.env import autocast  # noqa: E402
@@ -159,9 +159,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         if args.compile_scope == "model":
             step_model = torch.compile(model)
         else:
-            for tower in (model.backbone.transformer, model.backbone.visual.transformer):
-                for block in tower.resblocks:
-                    block.compile()  # in place: parameter names and state dict unchanged
+            compile_blocks(model.backbone)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         train_step(step_model, optimizer, scaler, batch, device, precision)

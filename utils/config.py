@@ -62,6 +62,9 @@ class Config:
     skip_nonfinite_steps: int = _opt(0, "Tolerate up to this many steps with a non-finite loss (skipped) "
                                         "before stopping the run.")
     grad_checkpointing: bool = _opt(False, "Recompute backbone activations in backward to save memory.")
+    torch_compile: bool = _opt(False, "torch.compile each transformer block of the backbone (regional "
+                                      "compilation: seconds, not minutes). Fewer, fused kernels; the first "
+                                      "steps and the first evaluation wait for the compiler.")
     max_grad_norm: float = _opt(0.0, "Clip the gradient norm to this value; 0 disables clipping.")
     # distributed (set from the torchrun environment; recorded in configs.yaml)
     distributed: bool = _opt(False, "Set automatically under torchrun.")
