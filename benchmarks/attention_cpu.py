@@ -9,6 +9,7 @@ ratios between rows are fair on a noisy machine. Shapes: batch x heads x tokens,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -46,15 +47,13 @@ def layer_step(batch: int, width: int, tokens: int, causal: bool, kernel, dtype)
     module = TowerAttention(width, width // 64)
     x = torch.randn(batch, tokens, width, requires_grad=True)
     mask = torch.full((tokens, tokens), float("-inf")).triu(1) if causal else None
+    # SDPA rows call open_clip's forward (the parent's) under the chosen kernel; ours calls the module itself.
     forward = module.forward if kernel is None else super(TowerAttention, module).forward
 
     def step():
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            if kernel is None:
-                out = forward(x, attn_mask=mask)
-            else:
-                with sdpa_kernel(kernel):
-                    out = forward(x, attn_mask=mask)
+        kernels = contextlib.nullcontext() if kernel is None else sdpa_kernel(kernel)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), kernels:
+            out = forward(x, attn_mask=mask)
         out.float().sum().backward()
     return step
 

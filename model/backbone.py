@@ -10,7 +10,7 @@ import logging
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +72,9 @@ def build_clip(shape: ClipShape, img_size: Sequence[int], context_length: Option
     With `fused_attention`, both towers use open_clip's 'custom' blocks, whose attention works on batch-first
     tensors directly (scaled_dot_product_attention on CUDA, model/attention.py on the CPU);
     nn.MultiheadAttention (the default blocks) adds transposes, copies and packed-projection bookkeeping around
-    the same kernel (measured: a bf16 training step of the paper-size PHP model 1.46x faster on a 2-core CPU). Parameter names, and so state dicts, are the
-    same for both block types, and the weights are exactly those of the default build (its initialisation and
-    random stream), so only the speed changes.
+    the same kernel (measured: a bf16 training step of the paper-size PHP model 1.46x faster on a 2-core CPU).
+    Parameter names, and so state dicts, are the same for both block types, and the weights are exactly those of
+    the default build (its initialisation and random stream), so only the speed changes.
     """
     h, w = int(img_size[0]), int(img_size[1])
     if h % shape.patch_size or w % shape.patch_size:
@@ -86,20 +86,23 @@ def build_clip(shape: ClipShape, img_size: Sequence[int], context_length: Option
         fused = _clip(shape, h, w, context_length, "custom")
     fused.load_state_dict(clip.state_dict(), strict=True, assign=True)
     fused.attn_mask = clip.attn_mask  # the one buffer outside the state dict
-    for tower in (fused.transformer, fused.visual.transformer):
-        use_tower_attention(tower.resblocks)
-        for block in tower.resblocks:
-            block.register_forward_pre_hook(_accept_checkpoint_call, with_kwargs=True)
+    use_tower_attention(residual_blocks(fused))
+    for block in residual_blocks(fused):
+        block.register_forward_pre_hook(_accept_checkpoint_call, with_kwargs=True)
     return fused
+
+
+def residual_blocks(clip: CLIP) -> List[torch.nn.Module]:
+    """The transformer blocks of both towers, text first."""
+    return [*clip.transformer.resblocks, *clip.visual.transformer.resblocks]
 
 
 def compile_blocks(clip: CLIP) -> None:
     """torch.compile each transformer block of both towers in place (regional compilation): the blocks of a
     tower are identical, so they share one compilation, which takes seconds instead of the minutes a whole-model
     compile takes; parameter names and the state dict are unchanged."""
-    for tower in (clip.transformer, clip.visual.transformer):
-        for block in tower.resblocks:
-            block.compile()
+    for block in residual_blocks(clip):
+        block.compile()
 
 
 def shape_from_state_dict(sd: Dict[str, torch.Tensor], prefix: str = "") -> ClipShape:

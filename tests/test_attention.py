@@ -6,7 +6,7 @@ from open_clip.transformer import Attention
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.attention import TowerAttention
-from model.backbone import ARCHITECTURES, build_clip
+from model.backbone import ARCHITECTURES, build_clip, residual_blocks
 
 N, L, WIDTH, HEADS = 3, 7, 32, 4
 
@@ -78,5 +78,5 @@ def test_fp32_keeps_sdpa():
 
 def test_both_towers_use_the_cpu_path():
     clip = build_clip(ARCHITECTURES["ViT-Tiny"], (32, 16), 8)
-    blocks = list(clip.transformer.resblocks) + list(clip.visual.transformer.resblocks)
-    assert blocks and all(type(b.attn) is TowerAttention for b in blocks)
+    blocks = residual_blocks(clip)
+    assert len(blocks) == 4 and all(type(b.attn) is TowerAttention for b in blocks)

@@ -7,6 +7,8 @@ import torch
 import yaml
 
 import test as test_entry
+from conftest import SMOKE_CONFIG
+from model.backbone import residual_blocks
 from utils.cli import run_main
 
 
@@ -66,14 +68,12 @@ def test_torch_compile_run_trains_evaluates_and_keeps_checkpoint_names(smoke_run
 
     def record(clip):
         real_compile_blocks(clip)
-        compiled.extend(b for tower in (clip.transformer, clip.visual.transformer) for b in tower.resblocks)
+        compiled.extend(residual_blocks(clip))
 
     real_compile_blocks = train.compile_blocks
     monkeypatch.setattr(train, "compile_blocks", record)
     with pytest.raises(SystemExit) as done:
-        run_main(train.main, ["--config_file", os.path.join(os.path.dirname(test_entry.__file__), "configs",
-                                                            "smoke.yaml"),
-                              "--root_dir", demo_root, "--output_dir", str(tmp_path), "--torch_compile",
+        run_main(train.main, ["--config_file", SMOKE_CONFIG, "--root_dir", demo_root, "--output_dir", str(tmp_path), "--torch_compile",
                               "--num_epoch", "1", "--warmup_epochs", "0", "--precision", "bf16"])
     assert done.value.code == 0
     assert compiled and all(b._compiled_call_impl is not None for b in compiled)
