@@ -69,6 +69,27 @@ def test_bf16_autocast_keeps_the_attention_products_in_bf16():
     torch.testing.assert_close(out.float(), reference(x, attn_mask=mask), atol=0.05, rtol=0.05)
 
 
+def test_bf16_path_errors_stay_near_open_clips_bf16_errors_at_vit_length():
+    # 193 tokens, as ViT-B/16 at 384x128. Under bf16 autocast open_clip's SDPA (math kernel) upcasts to fp32
+    # inside; ours keeps the products and the softmax in bf16. Against the fp32 result, our output and gradients
+    # may be off by bf16 rounding, but not by much more than SDPA's (measured ratio ~1.3).
+    reference, ours = _pair(1)
+    x = torch.randn(2, 193, WIDTH) * 2
+
+    def run(module, dtype):
+        xi = x.clone().requires_grad_()
+        module.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = module(xi)
+        out.float().square().sum().backward()
+        return [out.float(), xi.grad] + [p.grad.clone() for p in module.parameters()]
+
+    exact = run(reference, torch.float32)
+    sdpa_bf16, ours_bf16 = run(reference, torch.bfloat16), run(ours, torch.bfloat16)
+    for want, theirs, got in zip(exact, sdpa_bf16, ours_bf16):
+        assert (got - want).norm() <= 1.6 * (theirs - want).norm() + 1e-6 * want.norm()
+
+
 def test_fp32_keeps_sdpa():
     _, ours = _pair()
     with _MatmulDtypes() as seen:
