@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -97,14 +97,19 @@ def count_flops(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> float
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               batch: Dict[str, torch.Tensor], device: torch.device, precision: str) -> None:
-    """One step exactly as `Trainer.train_epoch` runs it (minus logging), including its per-step host sync."""
+               batch: Dict[str, torch.Tensor], device: torch.device, precision: str,
+               phase: Callable[[str], None] = lambda name: None) -> None:
+    """One step exactly as `Trainer.train_epoch` runs it (minus logging), including its per-step host sync.
+
+    `phase` is told when the backward and the optimizer step begin (benchmarks/step_ops.py counts by phase)."""
     with autocast(device, precision):
         out = model(batch)
     loss = sum(v for k, v in out.items() if k.endswith("_loss"))
     torch.stack([v.detach().float() for v in out.values()]).cpu()
     optimizer.zero_grad(set_to_none=True)
+    phase("backward")
     scaler.scale(loss).backward()
+    phase("optimizer")
     scaler.step(optimizer)
     scaler.update()
 

@@ -69,6 +69,25 @@ class MoE(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def expert_deltas(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What every expert adds to every token, [T, D] -> [E, T, D] (expert_e(x) = x + delta_e), as batched
+        products over the stacked weights: a dozen operations instead of a dozen per expert, since a GPU step at
+        the papers' batch sizes is bound by launching them (benchmarks/step_ops.py counts them). The parameters
+        stay in their `Expert` modules, so state-dict names do not change; dropout draws one mask for all."""
+        experts, first = self.experts, self.experts[0]
+
+        def stacked(get: Callable[[Expert], torch.Tensor]) -> torch.Tensor:
+            return torch.stack([get(e) for e in experts])
+
+        normed = nn.functional.layer_norm(tokens, tokens.shape[-1:], eps=first.norm.eps)
+        normed = torch.addcmul(stacked(lambda e: e.norm.bias).unsqueeze(1), normed,
+                               stacked(lambda e: e.norm.weight).unsqueeze(1))
+        hidden = torch.baddbmm(stacked(lambda e: e.down.bias).unsqueeze(1), normed,
+                               stacked(lambda e: e.down.weight).transpose(1, 2))
+        hidden = first.drop(first.act(hidden))
+        return first.drop(torch.baddbmm(stacked(lambda e: e.up.bias).unsqueeze(1), hidden,
+                                        stacked(lambda e: e.up.weight).transpose(1, 2)))
+
     def forward(self, x: torch.Tensor, context_index: int = 0, valid: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [..., D]; valid [...] marks tokens that count for the balancing loss and usage (all by default).
@@ -86,8 +105,10 @@ class MoE(nn.Module):
         gates = torch.zeros_like(logits).scatter(-1, top_index, weights)
         # Every expert runs on every token: with K part tokens per sample the dense form is cheap, needs no
         # data-dependent indexing, and keeps all experts in the graph (which DDP requires).
-        outputs = torch.stack([expert(tokens) for expert in self.experts], dim=-2)
-        out = (gates.unsqueeze(-1) * outputs).sum(dim=-2)
+        # Each expert returns x + delta_e, so the mixture is x * sum(gates) + sum_e gate_e * delta_e; the x term
+        # stays in x's precision under autocast.
+        deltas = self.expert_deltas(tokens)
+        out = tokens * gates.sum(dim=-1, keepdim=True) + torch.einsum("te,etd->td", gates, deltas.to(gates.dtype))
         chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_index, True)
         if valid is not None:
             keep = valid.reshape(-1)

@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/train_step.py and benchmarks/data_pipeline.py at toy sizes (no timing asserted)."""
+"""Smoke tests of the benchmark scripts (train_step, data_pipeline, step_ops) at toy sizes; no timing asserted."""
 import json
 import os
 import sys
@@ -9,6 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import data_pipeline  # noqa: E402
+import step_ops  # noqa: E402
 import train_step  # noqa: E402
 
 TOY = ["--device", "cpu", "--arch", "ViT-Tiny", "--img_size", "32", "16", "--text_length", "16", "--batch_size", "4",
@@ -96,3 +97,20 @@ def test_data_pipeline_names_a_missing_step_mode(demo_root, tmp_path):
         data_pipeline.main(["--workers", "0", "--batch_size", "8", "--root_dir", demo_root,
                             "--step_json", str(step), "--step_mode", "compile"])
     assert "compile" in str(err.value) and "fp32" in str(err.value)
+
+
+def test_step_ops_counts_each_phase_and_experts_run_batched(tmp_path, capsys):
+    tiny = ["--arch", "ViT-Tiny", "--img_size", "32", "16", "--text_length", "16", "--batch_size", "2"]
+    totals = {}
+    for experts in (2, 6):
+        out = tmp_path / f"ops{experts}.json"
+        assert step_ops.main(tiny + ["--num_experts", str(experts), "--json", str(out)]) == 0
+        totals[experts] = json.loads(out.read_text())["totals"]
+    for phase in ("backward", "optimizer", "forward: php.efp", "forward: backbone.visual"):
+        assert totals[2][phase] > 0
+    # Views launch no kernel and are not counted: the tiny towers' forward stays well under 100 per block.
+    assert totals[2]["forward: backbone.visual"] < 2 * 100
+    # The experts run as batched products: more experts, the same number of operations (stacking 4 more
+    # weights per tensor is still one stack), where a loop over experts would add a dozen per expert.
+    assert totals[6]["forward: php.efp"] == totals[2]["forward: php.efp"]
+    assert "total" in capsys.readouterr().out

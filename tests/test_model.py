@@ -147,6 +147,38 @@ def test_moe_routing_and_balancing():
     assert aux.item() == pytest.approx(4 * ((p * torch.tensor([1.0, 0, 1, 0])).mean()).item(), rel=1e-6)
 
 
+def test_batched_experts_equal_each_expert_forward_and_backward():
+    # MoE.expert_deltas runs all experts as batched products over stacked weights; every parameter (norm, down,
+    # up) made distinct per expert, it must give each Expert's own forward and the same gradients.
+    torch.manual_seed(0)
+    moe = MoE(dim=8, num_experts=3, topk=2, reduction=2).eval()
+    with torch.no_grad():
+        for p in moe.experts.parameters():
+            p.normal_()
+    x = torch.randn(6, 8)
+    results = []
+    for run in (lambda t: moe.expert_deltas(t) + t, lambda t: torch.stack([e(t) for e in moe.experts])):
+        xi = x.clone().requires_grad_()
+        moe.zero_grad()
+        out = run(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out, xi.grad] + [p.grad.clone() for p in moe.experts.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_experts_draw_independent_dropout_per_expert():
+    torch.manual_seed(0)
+    moe = MoE(dim=64, num_experts=4, topk=2, reduction=2).train()
+    with torch.no_grad():
+        for e in moe.experts:
+            e.up.weight.fill_(1.0)  # every output unit of every expert sees the same pre-dropout value
+    deltas = moe.expert_deltas(torch.randn(50, 64)).detach()
+    dropped = deltas == 0
+    assert 0.05 < dropped.float().mean() < 0.15  # p = 0.1 on the output
+    assert not torch.equal(dropped[0], dropped[1])
+
+
 def test_balancing_loss_uniform_routing_is_k_over_e():
     moe = MoE(dim=8, num_experts=4, topk=2, reduction=2)
     with torch.no_grad():

@@ -1,0 +1,136 @@
+"""Count the operations one training step dispatches, per part of the model.
+
+    python benchmarks/step_ops.py --json out.json
+    python benchmarks/step_ops.py --config configs/demo.yaml --arch ViT-Demo --img_size 128 48 --text_length 48
+    python benchmarks/step_ops.py --num_experts 8        # any other config option, as train.py takes them
+
+On a GPU at the papers' batch sizes the step is bound by the host thread that launches kernels (see
+benchmarks/README.md), so the number of operations per step matters as much as their FLOPs. This counts the
+aten operations that do work (views, other aliasing operations and allocations excluded: they launch no kernel) in one step
+of `train_step.py` (autocast forward, the losses, backward, optimizer) after one warm-up step, and attributes
+the forward's to the module that ran them. The count depends on the model's structure, not its width or the
+batch size, so a small batch on the CPU gives the figure of a large one on a GPU; the CPU's attention path in
+bf16 (model/attention.py) is 4 operations per block more than the single SDPA call that runs on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from train_step import ROOT, synthetic_batch, train_step  # noqa: E402
+
+from model import build_model  # noqa: E402
+from model.backbone import ARCHITECTURES  # noqa: E402
+from solver import build_optimizer  # noqa: E402
+from utils.config import build_config, parse_overrides  # noqa: E402
+
+# Aliasing or bookkeeping operations that func.is_view does not mark; allocations launch no kernel either.
+NO_KERNEL = {"_unsafe_view", "empty", "empty_strided", "_record_function_enter_new", "_record_function_exit"}
+# Forward operations are attributed to the innermost of these that is running (dotted module names).
+PARTS = ("backbone.visual", "backbone.transformer", "php.crfm", "php.efp", "classifier", "mlm")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts non-aliasing aten operations under the label in `self.phase`."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "other"
+        self.counts: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+    def set_phase(self, name: str) -> None:
+        self.phase = name
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in NO_KERNEL:
+            self.counts[self.phase][name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def attribute_forward(model: torch.nn.Module, counter: OpCounter) -> List:
+    """Hooks that set the counter's phase to the part whose forward is running; returns the handles."""
+    handles, stack = [], []
+    for name, module in model.named_modules():
+        if name not in PARTS:
+            continue
+
+        def enter(_module, _inputs, name=name):
+            stack.append(counter.phase)
+            counter.phase = f"forward: {name}"
+
+        def leave(_module, _inputs, _output):
+            counter.phase = stack.pop()
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def count_step(args: argparse.Namespace) -> Dict[str, Dict[str, int]]:
+    device = torch.device(args.device)
+    overrides = {**args.overrides, "pretrain_choice": args.arch, "img_size": args.img_size, "text_length": args.text_length,
+                 "batch_size": args.batch_size, "precision": args.precision}
+    cfg = build_config(args.config, overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=max(2, args.batch_size // 2)).to(device).train()
+    batch = synthetic_batch(args.batch_size, cfg.img_size, cfg.text_length, device)
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    train_step(model, optimizer, scaler, batch, device, args.precision)  # creates the optimizer's state
+
+    counter = OpCounter()
+    handles = attribute_forward(model, counter)
+    with counter:
+        counter.phase = "forward: other (embeddings, pooling, losses)"
+        train_step(model, optimizer, scaler, batch, device, args.precision, phase=counter.set_phase)
+    for h in handles:
+        h.remove()
+    return {phase: dict(c) for phase, c in counter.counts.items()}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "php_cuhk.yaml"), help="preset to count")
+    p.add_argument("--arch", default="ViT-B-16", help="random-weight backbone (model/backbone.py ARCHITECTURES)")
+    p.add_argument("--img_size", type=int, nargs=2, default=[384, 128], metavar=("H", "W"))
+    p.add_argument("--text_length", type=int, default=77)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default="")
+    args, rest = p.parse_known_args(argv)
+    args.overrides = parse_overrides(rest)
+    if args.arch not in ARCHITECTURES:
+        p.error(f"--arch {args.arch}: expected one of {', '.join(ARCHITECTURES)}")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    counts = count_step(args)
+    totals = {phase: sum(c.values()) for phase, c in counts.items()}
+    print(f"{args.config}, {args.arch}, {args.precision} on {args.device}: operations per training step "
+          f"(views excluded)")
+    for phase, n in sorted(totals.items(), key=lambda kv: -kv[1]):
+        top = ", ".join(f"{op} {k}" for op, k in collections.Counter(counts[phase]).most_common(4))
+        print(f"{n:>7}  {phase}   [{top}]")
+    print(f"{sum(totals.values()):>7}  total")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"totals": totals, "total": sum(totals.values()), "ops": counts, "args": vars(args)}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
