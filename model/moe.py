@@ -73,7 +73,8 @@ class MoE(nn.Module):
         """What every expert adds to every token, [T, D] -> [E, T, D] (expert_e(x) = x + delta_e), as batched
         products over the stacked weights: a dozen operations instead of a dozen per expert, since a GPU step at
         the papers' batch sizes is bound by launching them (benchmarks/step_ops.py counts them). The parameters
-        stay in their `Expert` modules, so state-dict names do not change; dropout draws one mask for all."""
+        stay in their `Expert` modules, so state-dict names do not change; dropout draws its mask over all
+        experts' activations at once, independently per expert as before."""
         experts, first = self.experts, self.experts[0]
 
         def stacked(get: Callable[[Expert], torch.Tensor]) -> torch.Tensor:
