@@ -103,12 +103,14 @@ def main() -> None:
                       f"{rate:.1f} samples/s in the last epoch", flush=True)
     medians = {v: [statistics.median(t[j] for t in values) for j in range(3)] for v, values in times.items()}
     base = medians[args.variant_list[0]]
-    print(f"\n{'variant':16s} {'wall s':>8s} {'ratio':>6s} {'train s':>8s} {'ratio':>6s} {'samples/s':>10s} {'ratio':>6s}")
+    print(f"\n{'variant':16s} {'wall s':>8s} {'ratio':>6s} {'train s':>8s} {'ratio':>6s} "
+          f"{'samples/s':>10s} {'ratio':>6s}")
     for v, (wall, train, rate) in medians.items():
         print(f"{names[v]:16s} {wall:8.1f} {wall / base[0]:6.2f} {train:8.1f} {train / base[1]:6.2f} "
               f"{rate:10.1f} {rate / base[2]:6.2f}")
     print(f"(medians of {args.repeats}; os.cpu_count() = {os.cpu_count()}; 'train s' = summed epoch seconds "
-          f"without start-up and evaluation; samples/s of the last epoch; ratios against '{names[args.variant_list[0]]}')")
+          f"without start-up and evaluation; samples/s of the last epoch; "
+          f"ratios against '{names[args.variant_list[0]]}')")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({names[v]: {"wall_s": m[0], "train_s": m[1], "samples_per_s": m[2], "rounds": times[v]}

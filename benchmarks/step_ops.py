@@ -6,11 +6,12 @@
 
 On a GPU at the papers' batch sizes the step is bound by the host thread that launches kernels (see
 benchmarks/README.md), so the number of operations per step matters as much as their FLOPs. This counts the
-aten operations that do work (views, other aliasing operations and allocations excluded: they launch no kernel) in one step
-of `train_step.py` (autocast forward, the losses, backward, optimizer) after one warm-up step, and attributes
-the forward's to the module that ran them. The count depends on the model's structure, not its width or the
-batch size, so a small batch on the CPU gives the figure of a large one on a GPU; the CPU's attention path in
-bf16 (model/attention.py) is 4 operations per block more than the single SDPA call that runs on CUDA.
+aten operations that do work (views, other aliasing operations and allocations excluded: they launch no
+kernel) in one step of `train_step.py` (autocast forward, the losses, backward, optimizer) after one warm-up
+step, and attributes the forward's to the module that ran them. The count depends on the model's structure, not
+its width or the batch size, so a small batch on the CPU gives the figure of a large one on a GPU, except that
+the CPU's bf16 attention in the towers (model/attention.py) takes a few operations per block where CUDA makes
+one SDPA call.
 """
 from __future__ import annotations
 
@@ -78,8 +79,8 @@ def attribute_forward(model: torch.nn.Module, counter: OpCounter) -> List:
 
 def count_step(args: argparse.Namespace) -> Dict[str, Dict[str, int]]:
     device = torch.device(args.device)
-    overrides = {**args.overrides, "pretrain_choice": args.arch, "img_size": args.img_size, "text_length": args.text_length,
-                 "batch_size": args.batch_size, "precision": args.precision}
+    overrides = {**args.overrides, "pretrain_choice": args.arch, "img_size": args.img_size,
+                 "text_length": args.text_length, "batch_size": args.batch_size, "precision": args.precision}
     cfg = build_config(args.config, overrides)
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=max(2, args.batch_size // 2)).to(device).train()
@@ -120,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     counts = count_step(args)
     totals = {phase: sum(c.values()) for phase, c in counts.items()}
     print(f"{args.config}, {args.arch}, {args.precision} on {args.device}: operations per training step "
-          f"(views excluded)")
+          f"(views and allocations excluded)")
     for phase, n in sorted(totals.items(), key=lambda kv: -kv[1]):
         top = ", ".join(f"{op} {k}" for op, k in collections.Counter(counts[phase]).most_common(4))
         print(f"{n:>7}  {phase}   [{top}]")

@@ -73,8 +73,8 @@ def test_torch_compile_run_trains_evaluates_and_keeps_checkpoint_names(smoke_run
     real_compile_blocks = train.compile_blocks
     monkeypatch.setattr(train, "compile_blocks", record)
     with pytest.raises(SystemExit) as done:
-        run_main(train.main, ["--config_file", SMOKE_CONFIG, "--root_dir", demo_root, "--output_dir", str(tmp_path), "--torch_compile",
-                              "--num_epoch", "1", "--warmup_epochs", "0", "--precision", "bf16"])
+        run_main(train.main, ["--config_file", SMOKE_CONFIG, "--root_dir", demo_root, "--output_dir", str(tmp_path),
+                              "--torch_compile", "--num_epoch", "1", "--warmup_epochs", "0", "--precision", "bf16"])
     assert done.value.code == 0
     assert compiled and all(b._compiled_call_impl is not None for b in compiled)
     run = os.path.join(str(tmp_path), "Demo-PEDES", "smoke")
