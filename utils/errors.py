@@ -5,6 +5,7 @@ expected). Entry points (`train.py`, `test.py`, `retrieve.py`) print that line a
 traceback unless `--debug` is given.
 """
 import re
+import reprlib
 
 # torch's DataLoader re-raises an exception from a worker process as `type(text)`, where the text holds the
 # worker's whole traceback; the user's one line is the last line of that traceback ("module.Type: message").
@@ -23,3 +24,17 @@ class UserError(Exception):
         super().__init__(" ".join((from_worker.group(1) if from_worker else message).split()))
         if from_worker:
             self.add_note(message)  # printed with the traceback only (--debug)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 2, 4, 4, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+
+
+def short_repr(value) -> str:
+    """repr() of `value` bounded to about a line, for quoting a user's value in an error message.
+
+    A value from a file can be arbitrarily large or deep (a YAML alias bomb expands to billions of elements when
+    walked), so messages never quote it whole.
+    """
+    return _SHORT.repr(value)
