@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import os
 import re
 import shutil
 import sys
-import tempfile
 import traceback
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -55,14 +55,18 @@ def run_main(main: Callable[[List[str]], int], argv: Optional[List[str]] = None)
 
 
 def check_output_dir(path: str, needed_bytes: int = 0) -> None:
-    """The run folder can be created and written, and its disk has room for `needed_bytes` more."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(f"output folder {path} is not writable ({e.strerror or e})") from None
-    free = shutil.disk_usage(path).free
+    """The run folder exists or can be created, is writable, and its disk has room for `needed_bytes` more.
+
+    Writes nothing, creates nothing: a command that fails later must leave no folder behind.
+    """
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"output folder {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {path} is not writable ({existing}: {os.strerror(errno.EACCES)})")
+    free = shutil.disk_usage(existing).free
     if needed_bytes and free < needed_bytes:
         raise UserError(f"output folder {path} has {free / 2**30:.2f} GiB free but checkpoints need about "
                         f"{needed_bytes / 2**30:.2f} GiB; free some space or set --output_dir elsewhere")

@@ -6,12 +6,15 @@ import random
 
 import torch
 
-from utils.errors import UserError
+from utils.config import DEVICE_PATTERN
+from utils.errors import UserError, short_repr
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if not isinstance(name, str) or not DEVICE_PATTERN.match(name):
+        raise UserError(f"option 'device' must be auto, cpu, cuda or cuda:N; got {short_repr(name)}")
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
