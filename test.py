@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
 from datasets import build_dataset
@@ -16,7 +17,9 @@ from utils.cli import run_main, split_argv
 from utils.env import resolve_device
 from utils.errors import UserError
 from utils.evaluator import Evaluator
+from utils.files import write_atomic
 from utils.logger import setup_logger
+from utils.runlock import RunLock
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,13 +47,7 @@ def write_results(path: str, updates: dict) -> None:
         except (OSError, json.JSONDecodeError):
             results = {}
     results.update(updates)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
+    write_atomic(path, json.dumps(results, indent=2), what="test results")
 
 
 def load_split(cfg, split_name: str) -> dict:
@@ -72,10 +69,16 @@ def main(argv) -> int:
     cfg = model.cfg
     split = load_split(cfg, args.split)
     run_dir = os.path.dirname(os.path.abspath(args.config_file))
-    results_path = os.path.join(run_dir, "test_results.json")
     logger.info("evaluating %s on %s/%s (compat %s)", model.checkpoint_path, cfg.dataset_name, args.split,
                 model.compat)
+    # test_results.json and experts.png go into the run folder: not while another process writes it.
+    with RunLock(run_dir, "test.py"):
+        return evaluate(model, cfg, split, args, run_dir)
 
+
+def evaluate(model, cfg, split: dict, args, run_dir: str) -> int:
+    """Evaluate (or audit) `model` on `split`, print the table and write test_results.json; the exit code."""
+    results_path = os.path.join(run_dir, "test_results.json")
     if args.audit:
         from processor.audit import run_audit
         audit = run_audit(model, cfg, split)
@@ -96,7 +99,7 @@ def main(argv) -> int:
         from utils.expert_report import report_expert_usage
         record["expert_usage"] = report_expert_usage(usage, run_dir)
     write_results(results_path, record)
-    logger.info("results written to %s", results_path)
+    logging.getLogger("php").info("results written to %s", results_path)
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from typing import Optional, Tuple
 
 import torch
 
@@ -16,13 +17,14 @@ from model import build_model
 from model.backbone import compile_blocks
 from processor.trainer import Trainer
 from utils import distributed as dist_utils
-from utils.checkpoint import remove_partial_checkpoints
+from utils.checkpoint import read_checkpoint, remove_partial_checkpoints
 from utils.cli import check_output_dir, run_main, split_argv
-from utils.config import build_config, save_config
+from utils.config import Config, apply, build_config, resume_differences, save_config
 from utils.env import resolve_device, seed_everything
 from utils.errors import UserError
 from utils.evaluator import Evaluator
-from utils.logger import setup_logger
+from utils.logger import attach_log_file, setup_logger
+from utils.runlock import RunLock
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 
@@ -54,48 +56,73 @@ def main(argv) -> int:
     cfg = build_config(args.config_file, overrides)
     rank, world_size, local_rank = dist_utils.init_distributed(cfg.device)
     try:
-        return run_training(cfg, rank, world_size, local_rank)
+        return run_training(cfg, rank, world_size, local_rank, args.config_file)
     finally:
         # Also after an error: every rank raises the same UserError (the checks are deterministic) and leaves;
         # if only one rank fails, torchrun stops the others.
         dist_utils.cleanup()
 
 
-def run_training(cfg, rank: int, world_size: int, local_rank: int) -> int:
-    """Train the run of `cfg` as process `rank` of `world_size` (1 without torchrun); returns the exit code."""
+def checkpoint_to_resume(cfg, logger, config_file: str = "") -> Tuple[Optional[str], Optional[dict]]:
+    """(path, checkpoint) to resume from, or (None, None) for a fresh start; refuses what would corrupt a run.
+
+    A fresh start in a folder holding checkpoints needs --overwrite. A resume needs the options to equal those
+    the run was trained with (its configs.yaml and the checkpoint's own record), except RESUME_MUTABLE.
+    """
+    run_dir = cfg.run_dir
+    existing = [n for n in ("best.pth", "last.pth") if os.path.isfile(os.path.join(run_dir, n))]
+    if not cfg.resume:
+        if existing and not cfg.overwrite:
+            raise UserError(f"run folder {run_dir} already holds {' and '.join(existing)} of an earlier run; continue "
+                            f"it with --resume, replace it with --overwrite, or choose another --name")
+        return None, None
+    if config_file and os.path.basename(config_file) == "configs.yaml" and \
+            os.path.realpath(os.path.dirname(config_file)) != os.path.realpath(run_dir):
+        logger.warning("%s lies outside the run folder its options name; resuming %s", config_file, run_dir)
+    path = cfg.resume_ckpt_file or os.path.join(run_dir, "last.pth")
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: {path} does not exist (nothing to resume in {run_dir})")
+    ckpt = read_checkpoint(path)
+    records = []
+    folder_config = os.path.join(run_dir, "configs.yaml")
+    if os.path.isfile(folder_config):
+        records.append((folder_config, build_config(folder_config, check=False)))
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
+        records.append((path, apply(Config(), ckpt["config"], path)))
+    for source, saved in records:
+        differences = resume_differences(cfg, saved)
+        if differences:
+            more = f" and {len(differences) - 6} more" if len(differences) > 6 else ""
+            raise UserError(f"--resume: the options differ from {source}, which trained this run, in "
+                            f"{', '.join(differences[:6])}{more}; resume with the run's own options (only those "
+                            f"listed under 'Resuming' in the README may change), or start a new run with another "
+                            f"--name")
+    return path, ckpt
+
+
+def run_training(cfg, rank: int, world_size: int, local_rank: int, config_file: str = "") -> int:
+    """Train the run of `cfg` as process `rank` of `world_size` (1 without torchrun); returns the exit code.
+
+    Every check runs first (options, data, model, the checkpoint to resume); the run folder is written only
+    after all have passed, under its lock, so a command that fails leaves an existing run as it was.
+    """
     cfg.world_size, cfg.distributed, cfg.local_rank = world_size, world_size > 1, local_rank
     device = resolve_device(cfg.device, local_rank)
     run_dir = cfg.run_dir
-    existing = [n for n in ("best.pth", "last.pth") if os.path.isfile(os.path.join(run_dir, n))]
-    if existing and not cfg.resume and not cfg.overwrite:
-        raise UserError(f"run folder {run_dir} already holds {' and '.join(existing)} of an earlier run; continue it "
-                        f"with --resume, replace it with --overwrite, or choose another --name")
-    partial = []
+    logger = setup_logger(rank=rank, hold=True)
+    resume_path, ckpt = checkpoint_to_resume(cfg, logger, config_file)
     if rank == 0:
         check_output_dir(run_dir)
-        # Temporary files of checkpoint writes that a kill interrupted: never loaded, and as large as a checkpoint.
-        partial = remove_partial_checkpoints(run_dir)
-    dist_utils.barrier()
-    logger = setup_logger(os.path.join(run_dir, "train_log.txt"), rank)
-    if partial:
-        logger.warning("removed %d partial checkpoint file(s) left by an interrupted run: %s", len(partial),
-                       ", ".join(partial))
-    resume_path = (cfg.resume_ckpt_file or os.path.join(run_dir, "last.pth")) if cfg.resume else None
-    if resume_path and not os.path.isfile(resume_path):
-        raise UserError(f"--resume: {resume_path} does not exist (nothing to resume in {run_dir})")
-    if rank == 0:
         logger.info("run folder %s; device %s; precision %s; %d process(es)", run_dir, device, cfg.precision,
                     world_size)
-        # The saved config starts a run, so it does not carry this invocation's resume request.
-        save_config(dataclasses.replace(cfg, resume=False, resume_ckpt_file="", overwrite=False),
-                    os.path.join(run_dir, "configs.yaml"))
     if cfg.val_dataset == "test" and rank == 0:
         logger.warning("model selection uses the TEST split (val_dataset: test); reported test numbers are then "
                        "optimistic")
 
     seed_everything(cfg.seed)
-    dataset = build_dataset(cfg.dataset_name, cfg.root_dir, val_holdout_ids=cfg.val_holdout_ids,
-                            skip_missing_images=cfg.skip_missing_images, demo_seed=cfg.demo_seed)
+    with dist_utils.main_process_first():  # a Demo-PEDES set is generated once, not by every process at once
+        dataset = build_dataset(cfg.dataset_name, cfg.root_dir, val_holdout_ids=cfg.val_holdout_ids,
+                                skip_missing_images=cfg.skip_missing_images, demo_seed=cfg.demo_seed)
     if rank == 0:
         logger.info("%s:\n%s", cfg.dataset_name, dataset.summary())
     split = dataset.val if cfg.val_dataset == "val" else dataset.test
@@ -119,10 +146,24 @@ def run_training(cfg, rank: int, world_size: int, local_rank: int) -> int:
     train_loader = build_train_loader(cfg, dataset, rank, world_size)
     evaluator = Evaluator(*build_eval_loaders(cfg, split), precision=cfg.precision)
     trainer = Trainer(cfg, model, train_loader, evaluator, run_dir, device, rank, world_size)
-    if resume_path and not trainer.resume(resume_path):
+    if ckpt is not None and not trainer.restore(ckpt, resume_path):
         logger.info("%s already finished all %d epochs; nothing to do", run_dir, cfg.num_epoch)
         return 0
-    result = trainer.fit()
+    del ckpt
+
+    # Every check has passed: from here on the run folder is written, by this process alone.
+    with dist_utils.on_main_process(lambda: RunLock(run_dir, "train.py")):
+        if rank == 0:
+            # Temporary files of checkpoint writes that a kill interrupted: never loaded, as large as a checkpoint.
+            partial = remove_partial_checkpoints(run_dir)
+            if partial:
+                logger.warning("removed %d partial checkpoint file(s) left by an interrupted run: %s", len(partial),
+                               ", ".join(partial))
+            # The saved config starts a run, so it does not carry this invocation's resume request.
+            save_config(dataclasses.replace(cfg, resume=False, resume_ckpt_file="", overwrite=False),
+                        os.path.join(run_dir, "configs.yaml"))
+            attach_log_file(logger, os.path.join(run_dir, "train_log.txt"))
+        result = trainer.fit()
     if rank == 0:
         logger.info("finished: best val R1 %.2f at epoch %d; checkpoints in %s", result["best_r1"],
                     result["best_epoch"], run_dir)

@@ -64,9 +64,16 @@ def build_train_loader(cfg, dataset: PedesDataset, rank: int = 0, world_size: in
                                         num_replicas=world_size, rank=rank)
     else:
         sampler = ShuffleSampler(len(train_set), cfg.seed, num_replicas=world_size, rank=rank)
-    return DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                      collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
-                      persistent_workers=False, generator=_loader_generator(cfg.seed))
+    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
+                        persistent_workers=False, generator=_loader_generator(cfg.seed))
+    if len(loader) == 0:
+        # drop_last would make every epoch empty: the run would "finish" untrained and save that as its best.
+        share = f" ({batch_size} per process, {world_size} processes)" if world_size > 1 else ""
+        raise UserError(f"{dataset.name}: the training split gives no full batch: {len(sampler)} samples "
+                        f"{'per process ' if world_size > 1 else ''}for batch_size {cfg.batch_size}{share}; "
+                        f"lower --batch_size")
+    return loader
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:

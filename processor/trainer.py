@@ -23,10 +23,11 @@ from tqdm import tqdm
 from datasets.loaders import per_process_batch_size, set_loader_epoch
 from solver import build_lr_scheduler, build_optimizer, describe_param_groups
 from utils import distributed as dist_utils
-from utils.checkpoint import read_checkpoint, save_checkpoint
+from utils.checkpoint import save_checkpoint
 from utils.config import Config
 from utils.env import autocast, epoch_seed
 from utils.errors import UserError
+from utils.files import write_atomic
 
 logger = logging.getLogger("php")
 FORMAT_VERSION = 1
@@ -60,21 +61,29 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
                 "best_r1": self.best_r1, "best_epoch": self.best_epoch, "nonfinite_steps": self.nonfinite_steps,
                 "history": self.history, "config": self.cfg.to_dict(), "format_version": FORMAT_VERSION,
-                "rng": {"torch": torch.get_rng_state()}}
+                "world_size": self.world_size, "rng": {"torch": torch.get_rng_state()}}
 
-    def resume(self, path: str) -> bool:
-        """Restore everything from `path`; returns False when that run already finished all its epochs."""
-        ckpt = read_checkpoint(path)
+    def restore(self, ckpt: dict, path: str) -> bool:
+        """Restore everything from checkpoint `ckpt` (read from `path`), in memory only; returns False when that run
+        already finished all its epochs. A checkpoint that does not fit this model or optimizer is a UserError."""
         if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION or "optimizer" not in ckpt:
             raise UserError(f"{path}: not a resumable checkpoint of this project (use a last.pth it wrote)")
+        check_state_fits(self.module, ckpt["model"], path)
         self.module.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: its optimizer state does not fit this model's parameter groups ({e})") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.best_r1, self.best_epoch = ckpt["best_r1"], ckpt["best_epoch"]
         self.nonfinite_steps, self.history = ckpt["nonfinite_steps"], list(ckpt["history"])
         self.start_epoch = int(ckpt["epoch"]) + 1
+        saved_world = ckpt.get("world_size", self.world_size)
+        if saved_world != self.world_size and self.rank == 0:
+            logger.warning("resuming with %d process(es) a run trained with %d: training goes on, but no longer "
+                           "exactly as an uninterrupted run would", self.world_size, saved_world)
         if self.rank == 0:
             logger.info("resumed from %s after epoch %d (best R1 %.2f at epoch %d)", path, ckpt["epoch"],
                         self.best_r1, self.best_epoch)
@@ -83,14 +92,11 @@ class Trainer:
     def _save(self, epoch: int, improved: bool) -> None:
         if self.rank != 0:
             return
-        state = self.state(epoch)
-        if improved:
-            save_checkpoint(state, os.path.join(self.run_dir, "best.pth"))
-        save_checkpoint(state, os.path.join(self.run_dir, "last.pth"))
-        tmp = os.path.join(self.run_dir, ".history.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.history, f, indent=1)
-        os.replace(tmp, os.path.join(self.run_dir, "history.json"))
+        # One write: best.pth (when improved) is the same data as last.pth, and either both change or neither does.
+        also = [os.path.join(self.run_dir, "best.pth")] if improved else []
+        save_checkpoint(self.state(epoch), os.path.join(self.run_dir, "last.pth"), also=also)
+        write_atomic(os.path.join(self.run_dir, "history.json"), json.dumps(self.history, indent=1),
+                     what="training history")
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> Dict[str, float]:
@@ -206,3 +212,15 @@ class Trainer:
             for k in ("R1", "R5", "R10", "mAP", "mINP"):
                 self.writer.add_scalar(f"val/{k}", results["t2i"][k], epoch)
         return results
+
+
+def check_state_fits(module: torch.nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
+    """`state` has exactly the weights, of the same shapes, that `module` has; else one line naming the first few."""
+    own = module.state_dict()
+    problems = [f"{k}: {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+                for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems += [f"{k} missing from the checkpoint" for k in own if k not in state]
+    problems += [f"{k} not in this model" for k in state if k not in own]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{path} does not fit the model these options build: {'; '.join(problems[:3])}{more}")

@@ -3,6 +3,7 @@ line for it, and running an entry point in-process the way its `__main__` would.
 
 Training on the tiny set (8 / 4 / 2 identities, 2 images each, batch 8: 4 iterations per epoch) costs seconds.
 """
+import hashlib
 import os
 
 import pytest
@@ -57,3 +58,14 @@ def assert_one_error_line(code, err, *culprits):
     for name in culprits:
         assert name in lines[0], (name, lines[0])
     return lines[0]
+
+
+def tree(folder):
+    """{relative path: sha256} of every file under `folder`: what a failed command must leave unchanged."""
+    found = {}
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(parent, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found

@@ -12,7 +12,7 @@ import torch
 import test as test_entry
 import train
 from reliability_helpers import (SMOKE, assert_one_error_line, run_dir, run_entry, tiny_root,  # noqa: F401
-                                 train_argv)
+                                 train_argv, tree)
 from utils.checkpoint import read_checkpoint, save_checkpoint
 from utils.cli import run_main
 from utils.config import build_config, save_config
@@ -157,3 +157,70 @@ def test_malformed_dataset_json(tmp_path, capsys):
     code, err = run_entry(train.main, train_argv(str(tmp_path), str(tmp_path / "out"), "--dataset_name",
                                                  "CUHK-PEDES"), capsys)
     assert_one_error_line(code, err, f"{folder / 'reid_raw.json'}: not valid JSON at line 3, column 21")
+
+
+# ------------------------------------------------------------------ options that used to give tracebacks
+@pytest.mark.parametrize("extra, culprit", [
+    (["--device", "gpu"], "option 'device' must be auto, cpu, cuda or cuda:N; got 'gpu'"),
+    (["--lr", "nan"], "option 'lr' expects a finite number, got 'nan'"),
+    (["--lr", "-1"], "option 'lr' must be positive; got -1.0"),
+    (["--num_workers", "-1"], "option 'num_workers' must be 0 or more; got -1"),
+    (["--name", "../../../escaped"], "option 'name' must be a plain folder name"),
+    (["--name", ".."], "option 'name' must be a plain folder name"),
+    (["--batch_size", "5000"], "the training split gives no full batch: 32 samples for batch_size 5000"),
+], ids=["device", "lr-nan", "lr-negative", "workers", "name-escapes", "name-dotdot", "batch-too-large"])
+def test_bad_option_values_write_nothing(tiny_root, tmp_path, capsys, extra, culprit):
+    out = tmp_path / "out"
+    code, err = run_entry(train.main, train_argv(tiny_root, str(out), *extra), capsys)
+    assert_one_error_line(code, err, culprit)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, culprit", [(["--device", "gpu"], "option 'device' must be"),
+                                            (["--num_workers", "-1"], "option 'num_workers' must be 0 or more")])
+def test_bad_options_of_test_py(smoke_run, capsys, extra, culprit):
+    before = tree(smoke_run)
+    code, err = run_entry(test_entry.main, ["--config_file", os.path.join(smoke_run, "configs.yaml"), *extra], capsys)
+    assert_one_error_line(code, err, culprit)
+    assert tree(smoke_run) == before
+
+
+@pytest.mark.parametrize("text, culprit", [
+    (b"name: null\n", "option 'name' expects a string, got nothing (null)"),
+    (b"lr: 3.0e-4\nname: caf\xe9\n", "not UTF-8 text (byte offset"),
+    (b"", "the config file is empty"),
+    (b"# only a comment\n", "the config file is empty"),
+    (b"lr: 1.0e-4\nbatch_size: 8\nlr: 2.0e-4\n", "option 'lr' is given twice (first at line 1)"),
+], ids=["name-null", "not-utf8", "empty", "comment-only", "duplicate-key"])
+def test_bad_config_files_write_nothing(tiny_root, tmp_path, capsys, text, culprit):
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(text)
+    out = tmp_path / "out"
+    code, err = run_entry(train.main, ["--config_file", str(config), "--root_dir", tiny_root, "--output_dir",
+                                       str(out)], capsys)
+    assert_one_error_line(code, err, str(config), culprit)
+    assert not out.exists()
+
+
+def test_yaml_alias_bomb_is_quoted_in_bounded_form(tmp_path, capsys):
+    """Nine levels of nine aliases: 9^9 (387 million) numbers if walked; the message quotes a prefix only."""
+    levels = ["&l0 [1, 2, 3, 4, 5, 6, 7, 8, 9]"]
+    for i in range(1, 9):
+        levels.append(f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    config = tmp_path / "bomb.yaml"
+    config.write_text("lr: [" + ", ".join(levels) + "]\n")
+    code, err = run_entry(train.main, ["--config_file", str(config), "--output_dir", str(tmp_path / "out")], capsys)
+    line = assert_one_error_line(code, err, "option 'lr' expects a number, got [[1, 2, 3, 4, ...], [[")
+    assert len(line) < 300 and not (tmp_path / "out").exists()
+
+
+def test_plain_pickle_needing_code_names_what_it_would_run(run_folder, capsys):
+    """A `pickle.dump` file (protocol 4 frames, which torch's safe loader cannot read at all) is refused with what
+    it would import and the opt-in flag, not as 'not a PyTorch checkpoint'."""
+    import pickle
+    best = str(run_folder / "best.pth")
+    with open(best, "wb") as f:
+        pickle.dump({"model": Payload(str(run_folder / "ran"))}, f, protocol=4)
+    code, err = run_entry(test_entry.main, ["--config_file", str(run_folder / "configs.yaml")], capsys)
+    assert_one_error_line(code, err, best, "refused, loading it would import and run 'io.open'", "--trust_checkpoint")
+    assert not (run_folder / "ran").exists()

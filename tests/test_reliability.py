@@ -309,6 +309,4 @@ def test_output_folder_without_space(tiny_root, tmp_path, monkeypatch, capsys):
     out = str(tmp_path)
     code, err = run_entry(train.main, train_argv(tiny_root, out), capsys)
     assert_one_error_line(code, err, f"output folder {run_dir(out)} has 0.05 GiB free but checkpoints need about")
-    assert not os.path.exists(os.path.join(run_dir(out), "last.pth"))
-    with open(os.path.join(run_dir(out), "train_log.txt")) as f:
-        assert " iter " not in f.read()  # stopped before the first training step
+    assert not os.path.exists(run_dir(out))  # stopped before anything was written

@@ -9,43 +9,28 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
-import tempfile
-from typing import Any, List
+import warnings
+from typing import Any, List, Sequence
 
 import torch
 
 from utils.errors import UserError
+from utils.files import TMP_SUFFIX, write_atomic
 
 TRUST_FLAG = "--trust_checkpoint"
-TMP_SUFFIX = ".tmp"
 # save_checkpoint's temporary files: ".<name>.pth.<random>.tmp"
 _PARTIAL = re.compile(r"^\..+\.pth\.\w+" + re.escape(TMP_SUFFIX) + "$")
 
 
-def save_checkpoint(obj: Any, path: str) -> None:
-    """Write `obj` to `path` atomically; a failed write (e.g. a full disk) raises UserError and keeps the old file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TMP_SUFFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            kept = "the previous file is kept" if os.path.isfile(path) else "nothing was written"
-            raise UserError(f"cannot write checkpoint {path} ({e.strerror or e}); {kept}") from None
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def save_checkpoint(obj: Any, path: str, also: Sequence[str] = ()) -> None:
+    """Write `obj` to `path` (and the same data to each of `also`) atomically and durably.
+
+    A failed write (a full disk, which torch reports as RuntimeError, a read-only folder) raises one UserError
+    line, keeps every previous file and removes the partial one; see utils.files.write_atomic.
+    """
+    write_atomic(path, lambda f: torch.save(obj, f), fsync=True, what="checkpoint", also=also)
 
 
 def read_checkpoint(path: str, trusted: bool = False) -> Any:
@@ -53,16 +38,52 @@ def read_checkpoint(path: str, trusted: bool = False) -> Any:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted)
+        with warnings.catch_warnings():
+            # A plain pickle.dump file makes torch warn about its protocol before refusing it; the refusal says it.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as e:
         # The restricted unpickler names the first class it would have had to import.
         needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if needed:
             raise UserError(f"{path}: refused, loading it would import and run '{needed.group(1)}' (arbitrary "
                             f"unpickling); if you trust the file, pass {TRUST_FLAG}") from None
-        raise UserError(f"{path}: not a PyTorch checkpoint (unreadable pickle data)") from None
+        raise UserError(f"{path}: {_what_pickle_needs(path)}") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for foreign or truncated files
         raise UserError(f"{path}: {_why_unreadable(path, e)}") from None
+
+
+def _what_pickle_needs(path: str) -> str:
+    """Why the safe loader refused a file: the code a full unpickling would import, read from its opcodes
+    without running them (a plain `pickle.dump` file uses opcodes the safe loader does not read at all)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+            f.seek(0)
+            names = _pickle_globals(f) if head[:1] == b"\x80" else []
+    except Exception:  # noqa: BLE001 - a torn pickle: what it would import is unknown, the refusal stands
+        names = []
+    if names:
+        return (f"refused, loading it would import and run '{names[0]}' (arbitrary unpickling); if you trust the "
+                f"file, pass {TRUST_FLAG}")
+    if head[:1] == b"\x80":
+        return (f"a Python pickle (protocol {head[1]}) that the safe loader cannot read, not a file written by "
+                f"torch.save; loading it needs full unpickling, which can run code: if you trust the file, pass "
+                f"{TRUST_FLAG}")
+    return "not a PyTorch checkpoint (unreadable pickle data)"
+
+
+def _pickle_globals(f) -> List[str]:
+    """'module.name' of every global a pickle stream refers to (GLOBAL / STACK_GLOBAL), without unpickling."""
+    found, strings = [], []
+    for opcode, arg, _ in pickletools.genops(f):
+        if opcode.name == "GLOBAL":
+            found.append(str(arg).replace(" ", "."))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.append(f"{strings[-2]}.{strings[-1]}")
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return found
 
 
 def _why_unreadable(path: str, error: Exception) -> str:

@@ -5,9 +5,11 @@ gloo on CPUs. Without it everything here degrades to single-process no-ops.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from datetime import timedelta
-from typing import Tuple
+from typing import Callable, ContextManager, Iterator, Tuple
 
 import torch
 import torch.distributed as dist
@@ -140,3 +142,44 @@ def use_global_batch(model: torch.nn.Module, world_size: int) -> None:
 def check_world(cfg_batch_size: int, world_size: int) -> None:
     if world_size > 1 and cfg_batch_size < world_size:
         raise UserError(f"batch_size {cfg_batch_size} is smaller than the number of processes {world_size}")
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first, the others once it is done (e.g. generating a data set they then read)."""
+    if not is_main_process():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main_process():
+            barrier()
+
+
+@contextlib.contextmanager
+def on_main_process(make_context: Callable[[], ContextManager]) -> Iterator[None]:
+    """Enter `make_context()` on rank 0 only (e.g. a run folder's lock); if rank 0 fails to, every rank raises."""
+    context = make_context() if is_main_process() else contextlib.nullcontext()
+    error = None
+    try:
+        context.__enter__()
+    except UserError as e:
+        error = e
+    ok = error is None
+    if dist.is_initialized():
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    if error is not None:
+        raise error
+    if not ok:
+        raise UserError("the main process (rank 0) could not take the run folder's lock; see its error")
+    try:
+        yield
+    except BaseException:
+        if not context.__exit__(*sys.exc_info()):
+            raise
+    else:
+        context.__exit__(None, None, None)
