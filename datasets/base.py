@@ -15,12 +15,14 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from prettytable import PrettyTable
 
-from utils.errors import UserError
+from utils.errors import UserError, short_repr
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 TrainPair = Tuple[int, int, str, str]  # (pid, image_id, img_path, caption)
+# Ids end up in int64 tensors (collate, evaluation); a larger one would overflow there, far from the file.
+PID_MIN, PID_MAX = -2 ** 63, 2 ** 63 - 1
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,10 @@ def read_json_list(path: str) -> list:
         raise UserError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to parse; expected a list of flat entries") from None
+    except ValueError as e:  # valid syntax the parser still refuses, e.g. an integer of over 4300 digits
+        raise UserError(f"{path}: not usable JSON: {e}") from None
     except OSError as e:
         raise UserError(f"{path}: cannot be read: {e.strerror}") from None
     if not isinstance(data, list):
@@ -137,8 +143,10 @@ def parse_entries(data: list, path: str, fmt: AnnotationFormat) -> List[Entry]:
             pid, rel, captions, split = item["id"], item[path_key], item["captions"], item["split"]
         except (TypeError, KeyError):
             _raise_shape_error(item, f"{path}: entry {i} (counting from 0)", needed)
-        if type(pid) is not int or type(rel) is not str or not rel or type(captions) is not list \
-                or not all(type(c) is str for c in captions) or split not in splits:
+        # One combined test keeps the common, valid case fast (CUHK-PEDES has 40k entries); the slow path says why.
+        if type(pid) is not int or not PID_MIN <= pid <= PID_MAX or type(rel) is not str or not rel \
+                or type(captions) is not list or split not in splits \
+                or not all(type(c) is str and c and not c.isspace() for c in captions):
             _raise_value_error(pid, rel, captions, split, f"{path}: entry {i} (counting from 0)", fmt)
         entries.append(Entry(pid, rel, tuple(captions), split))
     return entries
@@ -153,23 +161,35 @@ def _raise_shape_error(item, where: str, needed: Tuple[str, ...]) -> None:
 
 def _raise_value_error(pid, rel, captions, split, where: str, fmt: AnnotationFormat) -> None:
     if not isinstance(pid, int) or isinstance(pid, bool):
-        raise UserError(f"{where}: 'id' must be an integer, got {_json_type(pid)} {pid!r}")
+        raise UserError(f"{where}: 'id' must be an integer, got {_json_type(pid)} {short_repr(pid)}")
+    if not PID_MIN <= pid <= PID_MAX:
+        raise UserError(f"{where}: 'id' {short_repr(pid)} does not fit a signed 64-bit integer; expected "
+                        f"-2^63 <= id < 2^63")
     if not isinstance(rel, str) or not rel:
-        raise UserError(f"{where}: '{fmt.path_key}' must be a non-empty string, got {_json_type(rel)} {rel!r}")
+        raise UserError(f"{where}: '{fmt.path_key}' must be a non-empty string, got {_json_type(rel)} "
+                        f"{short_repr(rel)}")
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         raise UserError(f"{where}: 'captions' must be a list of strings, got {_describe_list(captions)}")
-    raise UserError(f"{where}: unknown split {split!r}; expected one of {', '.join(fmt.splits)}")
+    blank = next((k for k, c in enumerate(captions) if not c or c.isspace()), None)
+    if blank is not None:
+        # Empty queries are all identical: evaluation would rank them as one and count the tie as retrieval.
+        what = "empty" if not captions[blank] else "only white space"
+        raise UserError(f"{where}: caption {blank} (counting from 0) is {what}; expected a description of the person")
+    raise UserError(f"{where}: unknown split {short_repr(split)}; expected one of {', '.join(fmt.splits)}")
 
 
 def _describe_list(value) -> str:
     if not isinstance(value, list):
         return f"a {_json_type(value)}"
     bad = next(c for c in value if not isinstance(c, str))
-    return f"a list holding a {_json_type(bad)} ({bad!r})"
+    return f"a list holding a {_json_type(bad)} ({short_repr(bad)})"
 
 
 class DirectoryListing:
-    """Answers 'does this file exist' by listing each folder once (cached), not one stat per file."""
+    """Answers 'is this a regular file' by listing each folder once (cached), not one stat per file.
+
+    A link is followed: one to a file counts, a broken one or a loop does not.
+    """
 
     def __init__(self) -> None:
         self._names: Dict[str, Set[str]] = {}
@@ -180,15 +200,23 @@ class DirectoryListing:
         if names is None:
             try:
                 with os.scandir(folder or ".") as it:
-                    names = {e.name for e in it if not e.is_dir()}
+                    names = {e.name for e in it if _is_file(e)}
             except OSError:
                 names = set()
             self._names[folder] = names
         return name in names
 
 
+def _is_file(entry: os.DirEntry) -> bool:
+    # Judged per entry: one link loop (ELOOP) must not make the rest of its folder look missing.
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 def drop_missing_images(entries: List[Entry], img_dir: str, ann_path: str, skip: bool) -> List[Entry]:
-    """Raise (or, with `skip`, warn and drop) for entries whose image file is absent."""
+    """Raise (or, with `skip`, warn and drop) for entries whose image file is absent (see DirectoryListing)."""
     listing = DirectoryListing()
     missing = [e for e in entries if not listing.exists(os.path.join(img_dir, e.rel_path))]
     if not missing:
@@ -196,8 +224,8 @@ def drop_missing_images(entries: List[Entry], img_dir: str, ann_path: str, skip:
     first = ", ".join(os.path.join(img_dir, e.rel_path) for e in missing[:3])
     more = ", ..." if len(missing) > 3 else ""
     if not skip:
-        raise UserError(f"{len(missing)} image(s) listed in {ann_path} are missing: {first}{more}; "
-                        f"restore them or pass --skip_missing_images true to drop them")
+        raise UserError(f"{len(missing)} image(s) listed in {ann_path} are missing (or are broken links): "
+                        f"{first}{more}; restore them or pass --skip_missing_images true to drop them")
     message = f"dropping {len(missing)} image(s) listed in {ann_path} but missing: {first}{more}"
     logger.warning(message)
     warnings.warn(message, stacklevel=3)

@@ -4,8 +4,10 @@ It lets training, testing and the retrieval demo run end to end without real dat
 identity has fixed attributes (gender, hair, upper and lower garment with colours, shoes, bag); each of its
 images varies pose, view, scale, position, background and lighting; each image gets two captions built from
 varied templates that name a subset of the attributes (plus sometimes the view of that image).
-The files follow the CUHK-PEDES layout (SPEC section 2): `imgs/<split>/<id:04d>_<k>.jpg` and `reid_raw.json`.
-Everything is a function of the seed: the same seed gives byte-identical files.
+The files follow the CUHK-PEDES layout (SPEC section 2): `imgs/<split>/<id:04d>_<k>.jpg` and `reid_raw.json`,
+plus `generator.json`, the seed and sizes that made them. Everything is a function of the seed: the same seed
+gives byte-identical files. The set of seed 0 lives in `<root>/Demo-PEDES`, that of seed N in
+`<root>/Demo-PEDES_seed<N>`, so that runs with different seeds never share (or silently reuse) one set.
 
     python -m datasets.demo_pedes --root_dir ./data [--seed 0] [--force]
 """
@@ -26,10 +28,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from datasets import demo_render
-from utils.errors import UserError
+from utils.errors import UserError, short_repr
 
 DATASET_NAME = "Demo-PEDES"
 ANNOTATION_FILE = "reid_raw.json"
+GENERATOR_FILE = "generator.json"
 JPEG_QUALITY = 90
 
 GARMENT_COLOURS = tuple(demo_render.COLOURS)
@@ -238,6 +241,41 @@ def tokenize_caption(caption: str) -> List[str]:
     return re.findall(r"[a-z0-9]+(?:['-][a-z0-9]+)*", caption.lower())
 
 
+# ----------------------------------------------------------------------------------------------- folders
+def folder_name(seed: int) -> str:
+    """The folder under the data root that holds the set of `seed` (seed 0 keeps the original name)."""
+    if type(seed) is not int or seed < 0:
+        raise UserError(f"demo_seed = {short_repr(seed)}; expected a non-negative integer")
+    return DATASET_NAME if seed == 0 else f"{DATASET_NAME}_seed{seed}"
+
+
+def recorded_seed(dataset_dir: str) -> int:
+    """The seed named by the folder's generator.json; 0 for a folder generated before that record existed."""
+    path = os.path.join(dataset_dir, GENERATOR_FILE)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return 0  # every set generated before the record was written came from the default seed
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{path}: cannot be read as the Demo-PEDES generation record "
+                        f"({type(e).__name__}); delete {dataset_dir} to regenerate it") from None
+    seed = record.get("seed") if isinstance(record, dict) else None
+    if type(seed) is not int:
+        raise UserError(f"{path}: expected a mapping with an integer 'seed', got {short_repr(record)}; "
+                        f"delete {dataset_dir} to regenerate it")
+    return seed
+
+
+def check_generated(dataset_dir: str, seed: int) -> None:
+    """Refuse a generated folder that another seed made (configs.yaml would name a set it did not train on)."""
+    made_by = recorded_seed(dataset_dir)
+    if made_by != seed:
+        raise UserError(f"{dataset_dir} holds Demo-PEDES generated with demo_seed {made_by} (see "
+                        f"{os.path.join(dataset_dir, GENERATOR_FILE)}), not {seed}; delete the folder to "
+                        f"regenerate it with seed {seed}")
+
+
 # ----------------------------------------------------------------------------------------------- writing
 def _make_identity(seed: int, pid: int, split: str, images_per_id: int, image_size: Tuple[int, int],
                    out_dir: str) -> List[dict]:
@@ -268,8 +306,10 @@ def generate_demo_pedes(dataset_dir: str, seed: int = 0, num_train_ids: int = 60
     59 after 10 epochs over 600, against 44 at best over 22 epochs of 300).
     Ids start at 1: train ids first, then val, then test. The set is written into a temporary sibling folder
     that is renamed into place at the end, so an interrupted run never leaves a half-written set. An existing
-    `dataset_dir` is replaced only if it is empty or holds a `reid_raw.json` (a previous generation).
+    `dataset_dir` is replaced only if it is empty or holds a `reid_raw.json` (a previous generation). The seed and
+    sizes are recorded in `generator.json`, which loading checks (`check_generated`).
     """
+    folder_name(seed)  # a bad seed is a one-line error here, not a numpy traceback after the set was started
     for name, value in (("num_train_ids", num_train_ids), ("num_val_ids", num_val_ids),
                         ("num_test_ids", num_test_ids), ("images_per_id", images_per_id)):
         if not isinstance(value, int) or value < 1:
@@ -293,6 +333,11 @@ def generate_demo_pedes(dataset_dir: str, seed: int = 0, num_train_ids: int = 60
             entries.extend(_make_identity(seed, pid, split, images_per_id, tuple(image_size), tmp))
         with open(os.path.join(tmp, ANNOTATION_FILE), "w", encoding="utf-8") as f:
             json.dump(entries, f)
+        record = {"generator": "datasets/demo_pedes.py", "seed": seed, "num_train_ids": num_train_ids,
+                  "num_val_ids": num_val_ids, "num_test_ids": num_test_ids, "images_per_id": images_per_id,
+                  "image_size": list(image_size)}
+        with open(os.path.join(tmp, GENERATOR_FILE), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the set is ordinary data
         if os.path.exists(target):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
@@ -307,18 +352,22 @@ def generate_demo_pedes(dataset_dir: str, seed: int = 0, num_train_ids: int = 60
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Command line: write <root_dir>/Demo-PEDES unless it exists (`--force` regenerates)."""
+    """Command line: write <root_dir>/Demo-PEDES (seed N: Demo-PEDES_seed<N>) unless it exists (`--force`
+    regenerates)."""
     parser = argparse.ArgumentParser(description="Generate the Demo-PEDES data set.")
     parser.add_argument("--root_dir", default="./data", help="folder that receives Demo-PEDES/")
-    parser.add_argument("--seed", type=int, default=0, help="generation seed (same seed, same files)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="generation seed (same seed, same files); seed N > 0 writes Demo-PEDES_seed<N>/")
     parser.add_argument("--force", action="store_true", help="regenerate even if the folder exists")
     args = parser.parse_args(argv)
-    target = os.path.join(args.root_dir, DATASET_NAME)
-    if os.path.exists(target) and not args.force:
-        print(f"{target} already exists; nothing done (use --force to regenerate).")
-        return 0
     start = time.perf_counter()
     try:
+        target = os.path.join(args.root_dir, folder_name(args.seed))
+        if os.path.exists(target) and not args.force:
+            if os.path.isfile(os.path.join(target, ANNOTATION_FILE)):
+                check_generated(target, args.seed)
+            print(f"{target} already exists; nothing done (use --force to regenerate).")
+            return 0
         generate_demo_pedes(target, seed=args.seed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

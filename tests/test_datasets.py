@@ -1,13 +1,12 @@
 """build_dataset on annotation files written here: the three formats, pid remapping, hold-out, every check."""
 import json
 import os
-import sys
-import types
 
 import pytest
 
-from datasets import DATASETS, build_dataset
+from datasets import DATASETS, build_dataset, demo_pedes
 from datasets.base import DirectoryListing
+from reliability_helpers import TINY
 from utils.errors import UserError
 
 # (original id, file name, split) for a small CUHK-style set; ids deliberately unsorted and non-contiguous.
@@ -141,6 +140,8 @@ def test_malformed_json_names_line_and_column(tmp_path):
     ({"split": "train", "captions": ["a", 3], "file_path": "x.jpg", "id": 1}, r"list holding a integer \(3\)"),
     ({"split": "train", "captions": ["a"], "file_path": 5, "id": 1}, r"'file_path' must be a non-empty string"),
     ({"split": "dev", "captions": ["a"], "file_path": "x.jpg", "id": 1}, r"unknown split 'dev'; expected one of"),
+    ({"split": "train", "captions": ["a"], "file_path": "x.jpg", "id": "7" * 100_000}, r"got string '777.*\.\.\."),
+    ({"split": "train", "captions": ["a", ["b"] * 100_000], "file_path": "x.jpg", "id": 1}, r"list holding a list"),
 ])
 def test_bad_entries_name_file_index_and_key(tmp_path, entry, message):
     good = {"split": "train", "captions": ["a"], "file_path": "x.jpg", "id": 1}
@@ -149,6 +150,7 @@ def test_bad_entries_name_file_index_and_key(tmp_path, entry, message):
     with pytest.raises(UserError, match=message) as info:
         build_dataset("CUHK-PEDES", str(tmp_path))
     assert str(info.value).startswith(path + ": entry 1")
+    assert len(str(info.value)) < len(path) + 200  # a huge value in the file is quoted in part only
 
 
 def test_missing_images_error_or_skip(tmp_path):
@@ -179,20 +181,35 @@ def test_directory_listing(tmp_path):
     assert not listing.exists(str(tmp_path / "nope" / "x.png"))
 
 
-def test_demo_pedes_generated_once_when_missing(tmp_path, monkeypatch):
+def test_directory_listing_judges_each_link_on_its_own(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")
+    os.symlink(str(tmp_path / "x.png"), str(tmp_path / "good.png"))
+    os.symlink(str(tmp_path / "loop.png"), str(tmp_path / "loop.png"))
+    os.symlink(str(tmp_path / "gone.png"), str(tmp_path / "broken.png"))
+    listing = DirectoryListing()
+    assert [listing.exists(str(tmp_path / n)) for n in ("x.png", "good.png", "loop.png", "broken.png")] == \
+        [True, True, False, False]
+
+
+def test_demo_pedes_generated_once_per_seed(tmp_path, monkeypatch):
     calls = []
+    real = demo_pedes.generate_demo_pedes
 
-    def fake_generate(dataset_dir, seed=0):
+    def tiny_generate(dataset_dir, seed=0):
         calls.append((dataset_dir, seed))
-        write_set(os.path.dirname(dataset_dir), "Demo-PEDES")
+        real(dataset_dir, seed=seed, **TINY)
 
-    monkeypatch.setitem(sys.modules, "datasets.demo_pedes", types.SimpleNamespace(generate_demo_pedes=fake_generate))
+    monkeypatch.setattr(demo_pedes, "generate_demo_pedes", tiny_generate)
     root = str(tmp_path / "fresh" / "data")
+    seed3, seed0 = os.path.join(root, "Demo-PEDES_seed3"), os.path.join(root, "Demo-PEDES")
     ds = build_dataset("Demo-PEDES", root, demo_seed=3)
-    assert calls == [(os.path.join(root, "Demo-PEDES"), 3)]
-    assert ds.name == "Demo-PEDES" and ds.num_classes == 2 and ds.val["image_pids"] == [12]
-    build_dataset("Demo-PEDES", root)
+    assert calls == [(seed3, 3)]
+    assert ds.name == "Demo-PEDES" and ds.dataset_dir == seed3 and ds.num_classes == TINY["num_train_ids"]
+    assert all(p.startswith(seed3 + os.sep) for p in ds.val["img_paths"])
+    build_dataset("Demo-PEDES", root, demo_seed=3)
     assert len(calls) == 1  # an existing set is parsed, not regenerated
+    assert build_dataset("Demo-PEDES", root).dataset_dir == seed0 and calls[1:] == [(seed0, 0)]
+    assert sorted(os.listdir(root)) == ["Demo-PEDES", "Demo-PEDES_seed3"]
 
 
 def test_check_dataset_tool_exit_codes(tmp_path, capsys):

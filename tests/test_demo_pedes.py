@@ -9,20 +9,11 @@ from PIL import Image
 
 from datasets import demo_pedes, demo_render
 from datasets.demo_pedes import generate_demo_pedes, main, sample_identity, tokenize_caption
+from reliability_helpers import tree
 from utils.errors import UserError
 
 SMALL = dict(num_train_ids=6, num_val_ids=3, num_test_ids=3, images_per_id=2)
 COLOUR_WORDS = set(demo_render.COLOURS) | set(demo_render.HAIR_COLOURS)
-
-
-def _files(root):
-    out = {}
-    for base, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(base, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = f.read()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +37,14 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(small_set, tmp
     again, other = str(tmp_path / "again"), str(tmp_path / "other")
     generate_demo_pedes(again, seed=0, **SMALL)
     generate_demo_pedes(other, seed=1, **SMALL)
-    first, second, third = _files(root), _files(again), _files(other)
-    assert len(first) == 12 * 2 + 1
+    first, second, third = tree(root), tree(again), tree(other)
+    assert len(first) == 12 * 2 + 2
     assert first == second
     assert first["reid_raw.json"] != third["reid_raw.json"]
     assert first["imgs/train/0001_0.jpg"] != third["imgs/train/0001_0.jpg"]
 
 
-def test_json_format_splits_and_files(small_set):
+def test_json_format_splits_andtree(small_set):
     root, entries = small_set
     assert len(entries) == 12 * 2
     ids = {"train": set(), "val": set(), "test": set()}
@@ -67,6 +58,21 @@ def test_json_format_splits_and_files(small_set):
         assert e["processed_tokens"] == [tokenize_caption(c) for c in e["captions"]]
         assert all(c[0].isupper() and c.endswith(".") for c in e["captions"])
     assert ids == {"train": set(range(1, 7)), "val": {7, 8, 9}, "test": {10, 11, 12}}
+
+
+def test_generation_is_recorded(small_set):
+    root, _ = small_set
+    with open(os.path.join(root, "generator.json"), encoding="utf-8") as f:
+        assert json.load(f) == {"generator": "datasets/demo_pedes.py", "seed": 0, "num_train_ids": 6,
+                                "num_val_ids": 3, "num_test_ids": 3, "images_per_id": 2, "image_size": [192, 64]}
+    assert demo_pedes.recorded_seed(root) == 0
+
+
+def test_each_seed_has_its_folder():
+    assert [demo_pedes.folder_name(s) for s in (0, 1, 12)] == ["Demo-PEDES", "Demo-PEDES_seed1", "Demo-PEDES_seed12"]
+    for bad in (-1, 1.5, "3"):
+        with pytest.raises(UserError, match="expected a non-negative integer"):
+            demo_pedes.folder_name(bad)
 
 
 def test_tokenize_caption_splits_off_punctuation():
@@ -139,7 +145,7 @@ def test_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_interrupted_regeneration_keeps_the_previous_set(tmp_path, monkeypatch):
     target = str(tmp_path / "Demo-PEDES")
     generate_demo_pedes(target, **SMALL)
-    before = _files(target)
+    before = tree(target)
 
     def failing(*args, **kwargs):
         raise RuntimeError("injected failure")
@@ -148,7 +154,7 @@ def test_interrupted_regeneration_keeps_the_previous_set(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         generate_demo_pedes(target, seed=5, **SMALL)
     assert os.listdir(tmp_path) == ["Demo-PEDES"]
-    assert _files(target) == before
+    assert tree(target) == before
 
 
 def test_bad_arguments_and_foreign_folders_are_refused(tmp_path):
@@ -169,3 +175,16 @@ def test_command_line_skips_an_existing_set(tmp_path, capsys):
     assert main(["--root_dir", str(tmp_path)]) == 0
     assert "already exists" in capsys.readouterr().out
     assert (existing / "reid_raw.json").read_text() == "[]"
+
+
+def test_command_line_writes_each_seed_to_its_folder(tmp_path, capsys, monkeypatch):
+    real = demo_pedes.generate_demo_pedes
+    monkeypatch.setattr(demo_pedes, "generate_demo_pedes", lambda target, seed: real(target, seed=seed, **SMALL))
+    assert main(["--root_dir", str(tmp_path), "--seed", "7"]) == 0
+    assert os.listdir(tmp_path) == ["Demo-PEDES_seed7"]
+    assert demo_pedes.recorded_seed(str(tmp_path / "Demo-PEDES_seed7")) == 7
+    (tmp_path / "Demo-PEDES_seed7" / "generator.json").write_text('{"seed": 3}')
+    assert main(["--root_dir", str(tmp_path), "--seed", "7"]) == UserError.exit_code
+    assert "generated with demo_seed 3" in capsys.readouterr().err
+    assert main(["--root_dir", str(tmp_path), "--seed", "-2"]) == UserError.exit_code
+    assert "demo_seed = -2" in capsys.readouterr().err
