@@ -10,8 +10,10 @@ the checkpoint file and the gallery's files (see utils/gallery_cache.py); a late
 Output: stdout holds only the hits, one line each, `rank score path` (cosine score, path relative to the current
 folder when it lies below it, otherwise absolute, unquoted), query after query, ranks restarting at 1. stderr
 holds a `# query N: TEXT [...]` line before each query's hits and finally `# answered in S s`, timed from the
-moment the input is known to the printed answer (model loading excluded), and the log. The picture (`--out`,
-default `<run>/retrieval.png`) has one row per query.
+moment the input is known to the printed answer (model loading excluded), and the log. `--topk` beyond the
+gallery's size gives every image, with a note on stderr. The picture (`--out`, default `<run>/retrieval.png`) has
+one row per query, at most 20 queries of 12 hits (utils/visualize.py Style); what it leaves out is counted in it
+and in a note on stderr, and stdout still lists every hit.
 
 Frames in the picture: with a split gallery, a query that is one of the split's captions (`--caption N` picks
 caption N; a `--query` equal to a caption up to case and spacing counts too) has a known identity, and its hits
@@ -39,7 +41,7 @@ from utils.gallery_cache import (Gallery, gallery_embeddings, gallery_from_folde
                                  normalise_caption)
 from utils.logger import setup_logger
 from utils.tokenizer import tokenize
-from utils.visualize import Hit, ResultRow, draw_results
+from utils.visualize import Hit, ResultRow, Style, draw_results, left_out
 
 
 def _text_query(value: str) -> Tuple[str, str]:
@@ -212,6 +214,9 @@ def main(argv) -> int:
     # The input is known from here on: this is what the answer time measures.
     start = time.perf_counter()
     gallery, rows, cached, cache_file = answer(model, args.queries, split_name, args.gallery, args.topk, cache_dir)
+    if args.topk > len(gallery):
+        print(f"# --topk {args.topk} is more than the gallery's {len(gallery)} images: giving all {len(gallery)}",
+              file=sys.stderr, flush=True)
     for q, row in enumerate(rows):
         print(f"# query {q + 1}: {row.query} [{row.note}]", file=sys.stderr, flush=True)
         for rank, hit in enumerate(row.hits, start=1):
@@ -222,6 +227,12 @@ def main(argv) -> int:
 
     out = args.out or os.path.join(run_dir, "retrieval.png")
     draw_results(rows, out)
+    queries_left, hits_left = left_out(rows)
+    if hits_left:
+        style = Style()
+        print(f"# the picture is capped at {style.max_rows} queries x {style.max_cols} hits: "
+              + (f"{queries_left} of {len(rows)} queries and " if queries_left else "")
+              + f"{hits_left} hits are not drawn (stdout lists them all)", file=sys.stderr, flush=True)
     logger.info("picture: %s", out)
     return 0
 

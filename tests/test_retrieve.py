@@ -1,4 +1,7 @@
-"""retrieve.py: printed hits, the picture's layout and frames, and the gallery cache (written, reused, invalidated)."""
+"""retrieve.py: printed hits, the picture's layout, frames and size cap, its atomic write, and the gallery cache
+(written, reused, invalidated; tests/test_gallery_cache.py checks its integrity)."""
+import contextlib
+import errno
 import glob
 import os
 import re
@@ -12,7 +15,9 @@ import retrieve
 from datasets import build_dataset
 from model.retrieval_model import RetrievalModel
 from utils.cli import run_main
-from utils.visualize import GREEN, GREY, RED, Hit, ResultRow, draw_results, panel_box, picture_size, wrap_text
+from utils.errors import UserError
+from utils.visualize import (BACKGROUND, GREEN, GREY, RED, Hit, ResultRow, Style, draw_results, left_out,
+                             left_out_note, panel_box, picture_size, wrap_text)
 
 HIT = re.compile(r"^(\d+) (-?\d+\.\d{4}) (\S.*)$")
 
@@ -247,3 +252,79 @@ def test_wrap_text_limits_lines():
     assert len(lines) == 3 and lines[-1].endswith("...")
     assert all(font.getlength(line) <= 300 for line in lines)
     assert wrap_text("short text", font, 300, 3) == ["short text"]
+
+
+def test_topk_beyond_the_gallery_and_the_picture_cap(run_copy, demo_root, tmp_path, capsys):
+    out = str(tmp_path / "many.png")
+    captions = [arg for i in range(40) for arg in ("--caption", str(i))]
+    code, lines, err = retrieve_cli(capsys, run_copy, "--root_dir", demo_root, *captions, "--topk", "100",
+                                    "--out", out)
+    assert code == 0
+    queries = parse_output(lines)
+    assert len(queries) == 40 and all([h[0] for h in hits] == list(range(1, 81)) for _, hits in queries)
+    notes = [line for line in err.splitlines()
+             if line.startswith("# ") and not line.startswith(("# query ", "# answered in "))]
+    style = Style()
+    shown = style.max_rows * style.max_cols
+    assert notes == ["# --topk 100 is more than the gallery's 80 images: giving all 80",
+                     f"# the picture is capped at {style.max_rows} queries x {style.max_cols} hits: "
+                     f"{40 - style.max_rows} of 40 queries and {40 * 80 - shown} hits are not drawn "
+                     f"(stdout lists them all)"]
+    with Image.open(out) as img:
+        assert img.size == picture_size(style.max_rows, style.max_cols, style, footer=True)
+        assert img.size[0] <= style.pad + 12 * (style.panel_w + style.pad) and img.size[1] < 21 * style.row_h
+        # The line counting what is left out sits under the last row.
+        footer = img.convert("RGB").crop((0, img.size[1] - style.header_h, img.size[0], img.size[1]))
+        assert any(colour != BACKGROUND for _, colour in footer.getcolors(1 << 16))
+    assert pixel(out, panel_box(style.max_rows - 1, style.max_cols - 1)[:2]) in (GREEN, RED)
+
+
+def small_images(folder, count):
+    paths = []
+    for i in range(count):
+        paths.append(os.path.join(folder, f"{i}.png"))
+        Image.new("RGB", (16, 32), (0, 0, 255)).save(paths[-1])
+    return paths
+
+
+def test_picture_cap_counts_what_is_left_out(tmp_path):
+    [path] = small_images(str(tmp_path), 1)
+    style = Style(max_rows=2, max_cols=4)
+    rows = [ResultRow(f"q{r}", [Hit(path, 0.5)] * n) for r, n in enumerate((15, 3, 6))]
+    assert left_out(rows, style) == (1, 15 + 3 + 6 - 4 - 3)
+    assert left_out_note(rows, style) == "Not drawn: 1 of 3 queries and 17 of 24 hits (a picture shows at most 2 " \
+                                         "queries x 4 hits)."
+    assert left_out_note(rows[1:2], style) is None and left_out(rows[1:2], style) == (0, 0)
+    out = draw_results(rows, str(tmp_path / "capped.png"), style)
+    with Image.open(out) as img:
+        assert img.size == picture_size(2, 4, style, footer=True)
+    assert pixel(out, panel_box(1, 2, style)[:2]) == GREY and pixel(out, panel_box(1, 3, style)[:2]) == BACKGROUND
+
+
+@pytest.mark.parametrize("failure, raised", [(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), UserError),
+                                             (KeyboardInterrupt(), KeyboardInterrupt)], ids=["disk-full", "ctrl-c"])
+def test_picture_is_written_whole_or_not_at_all(tmp_path, monkeypatch, failure, raised):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    rows = [ResultRow("q", [Hit(p, 0.5) for p in small_images(str(tmp_path), 3)])]
+    out = draw_results(rows, str(folder / "r.png"))
+    assert os.listdir(folder) == ["r.png"]  # no temporary file left
+    before = (folder / "r.png").read_bytes()
+
+    def failing_save(self, fp, *args, **kwargs):
+        with (open(fp, "wb") if isinstance(fp, str) else contextlib.nullcontext(fp)) as f:
+            f.write(before[:100])
+        raise failure
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(raised) as error:
+        draw_results(rows + rows, out)
+    assert os.listdir(folder) == ["r.png"] and (folder / "r.png").read_bytes() == before
+    if raised is UserError:
+        assert str(error.value) == f"cannot write the picture {out} (No space left on device); the previous file is kept"
+
+
+def test_picture_in_a_missing_folder_is_one_line(tmp_path):
+    rows = [ResultRow("q", [Hit(small_images(str(tmp_path), 1)[0], 0.5)])]
+    with pytest.raises(UserError, match=r"^cannot write the picture .*missing.* \(No such file or directory\)"):
+        draw_results(rows, str(tmp_path / "missing" / "r.png"))

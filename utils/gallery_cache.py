@@ -6,6 +6,14 @@ A cache file holds the L2-normalised image embeddings of one gallery under one c
 - what else changes the numbers: compat mode, image size, precision, the cache format version.
 The file name carries a short id of (checkpoint path, gallery source) plus the key, so a stale file (any input
 changed) is never read, and it is deleted when the fresh one is written.
+
+The right key does not make the features right: a file can be edited or damaged after it was written. So the
+features are stored with their sha256, shape and dtype, and a file is used only when its features are float32
+of shape [len(gallery), the model's embedding width], finite, and match their checksum; otherwise it is
+re-embedded and rewritten, with a warning naming the file and the reason.
+
+A cache write goes to `.gallery-<pid>-<random>.tmp` and is renamed into place. A writer killed before the
+rename leaves that file behind; it is removed the next time the folder is used, once its pid is no longer alive.
 """
 from __future__ import annotations
 
@@ -14,7 +22,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -26,13 +36,18 @@ from datasets.image_text import ImageDataset
 from datasets.loaders import collate
 from datasets.transforms import build_transforms
 from utils.env import autocast
-from utils.errors import UserError
+from utils.errors import UserError, short_repr
 
 logger = logging.getLogger("php")
 
-CACHE_VERSION = 1
+# 2: the features carry their sha256, shape and dtype. Older files have another key, so they are never read.
+CACHE_VERSION = 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _EDGE_BYTES = 1 << 20
+# A writer's temporary file: ".gallery-<pid>-<mkstemp's random part>.tmp"; without "<pid>-" (before version 2),
+# nothing says whether its writer still runs, so only its age can tell.
+_TEMP_NAME = re.compile(r"^\.gallery-(?:(\d+)-)?[a-z0-9_]+\.tmp$")
+LEGACY_TEMP_MAX_AGE_S = 3600
 
 
 @dataclass
@@ -65,14 +80,14 @@ def gallery_from_split(split: Dict[str, list], source: str) -> Gallery:
 def gallery_from_folder(folder: str) -> Gallery:
     """Every .jpg / .jpeg / .png under `folder` (recursively, sorted by path); identities unknown."""
     if not os.path.isdir(folder):
-        raise UserError(f"--gallery {folder}: not a folder (expected a folder of .jpg / .png images)")
+        raise UserError(f"--gallery {short_repr(folder)}: not a folder (expected a folder of .jpg / .png images)")
     folder = os.path.abspath(folder)
     paths = []
     for parent, dirs, files in os.walk(folder):
         dirs.sort()
         paths.extend(os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
-        raise UserError(f"--gallery {folder}: no .jpg or .png images found (searched recursively)")
+        raise UserError(f"--gallery {short_repr(folder)}: no .jpg or .png images found (searched recursively)")
     return Gallery(paths, f"folder {folder}")
 
 
@@ -132,19 +147,102 @@ def embed_images(model: torch.nn.Module, paths: Sequence[str], img_size: Sequenc
     return torch.cat(feats).clone()
 
 
-def _read(path: str, key: str, gallery: Gallery) -> Optional[torch.Tensor]:
-    """The cached embeddings if `path` holds exactly this key and gallery; None (with a warning) otherwise."""
+def features_sha256(feats: torch.Tensor) -> str:
+    """sha256 of the bytes of a float32 tensor, in row-major order."""
+    return hashlib.sha256(feats.detach().contiguous().numpy().data).hexdigest()
+
+
+def _problem(data: Any, key: str, gallery: Gallery, embed_dim: int) -> Optional[str]:
+    """Why the loaded cache `data` cannot serve this key and gallery; None when it can."""
+    if not isinstance(data, dict) or data.get("key") != key or data.get("paths") != list(gallery.paths):
+        return "it does not match this gallery"
+    feats = data.get("feats")
+    if not torch.is_tensor(feats) or feats.layout != torch.strided:
+        return "it holds no feature tensor"
+    if feats.dtype != torch.float32:
+        return f"its features are {str(feats.dtype).replace('torch.', '')}, expected float32"
+    shape, expected = list(feats.shape), [len(gallery), embed_dim]
+    if shape != expected:
+        return (f"its features have shape {shape}, expected {expected} (the gallery's {len(gallery)} images x "
+                f"the model's embedding width {embed_dim})")
+    if data.get("shape") != shape or data.get("dtype") != "float32":
+        return (f"its features do not match their recorded shape and dtype ({short_repr(data.get('shape'))}, "
+                f"{short_repr(data.get('dtype'))})")
+    bad = int((~torch.isfinite(feats)).sum())
+    if bad:
+        return f"{bad} of its feature values are NaN or infinite"
+    if data.get("sha256") != features_sha256(feats):
+        return "its features do not match their sha256 checksum (the file was modified or damaged)"
+    return None
+
+
+def _read(path: str, key: str, gallery: Gallery, embed_dim: int) -> Optional[torch.Tensor]:
+    """The cached embeddings if `path` holds exactly this key and gallery, intact; None (with a warning)
+    otherwise."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a torn or foreign file is rebuilt, whatever torch raised
         logger.warning("ignoring unreadable gallery cache %s (%s); re-embedding", path, type(e).__name__)
         return None
-    feats = data.get("feats") if isinstance(data, dict) else None
-    if (not isinstance(data, dict) or data.get("key") != key or data.get("paths") != list(gallery.paths)
-            or not torch.is_tensor(feats) or feats.shape[0] != len(gallery)):
-        logger.warning("ignoring gallery cache %s: it does not match this gallery; re-embedding", path)
+    problem = _problem(data, key, gallery, embed_dim)
+    if problem:
+        logger.warning("ignoring gallery cache %s: %s; re-embedding", path, problem)
         return None
-    return feats.float()
+    return data["feats"]
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would terminate the process on Windows: keep the file
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+def remove_orphan_temps(folder: str) -> List[str]:
+    """Delete the temporary files that killed cache writers left in `folder`; returns their paths.
+
+    A file whose pid is alive belongs to a concurrent writer and is kept; a file named before pids were part of
+    the name is removed once it is more than LEGACY_TEMP_MAX_AGE_S old.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        match = _TEMP_NAME.match(name)
+        if not match:
+            continue
+        path = os.path.join(folder, name)
+        if match.group(1) is not None:
+            pid = int(match.group(1))
+            if _pid_alive(pid):
+                continue
+            why = f"its writer, process {pid}, is gone"
+        else:
+            try:
+                age = time.time() - os.stat(path).st_mtime
+            except OSError:
+                continue
+            if age < LEGACY_TEMP_MAX_AGE_S:
+                continue
+            why = f"untouched for {age / 3600:.1f} h"
+        try:
+            os.unlink(path)
+        except OSError:
+            continue  # removed meanwhile by another process, or a read-only folder: nothing to report
+        logger.info("removed %s, left by an interrupted gallery cache write (%s)", path, why)
+        removed.append(path)
+    return removed
 
 
 def _write(path: str, key: str, gallery: Gallery, feats: torch.Tensor) -> bool:
@@ -153,9 +251,11 @@ def _write(path: str, key: str, gallery: Gallery, feats: torch.Tensor) -> bool:
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".gallery-", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".gallery-{os.getpid()}-", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as f:
-            torch.save({"key": key, "paths": list(gallery.paths), "source": gallery.source, "feats": feats}, f)
+            torch.save({"version": CACHE_VERSION, "key": key, "paths": list(gallery.paths),
+                        "source": gallery.source, "feats": feats, "sha256": features_sha256(feats),
+                        "shape": list(feats.shape), "dtype": "float32"}, f)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError
         # A read-only run folder (e.g. a published one) still answers queries, just without a cache.
@@ -180,7 +280,8 @@ def gallery_embeddings(model: torch.nn.Module, gallery: Gallery, checkpoint_path
 
     `settings` holds whatever besides the checkpoint and the images changes the embeddings: `img_size`,
     `precision`, `batch_size` (it matters in the batch-dependent compat mode) and `compat`; all go into the
-    key. `cache_dir=None` disables the cache; `num_workers` are the image loader's worker processes.
+    key. `cache_dir=None` disables the cache; `num_workers` are the image loader's worker processes. A cache
+    file is checked against `model.embed_dim`, the width of the embeddings.
     """
     def embed() -> torch.Tensor:
         return embed_images(model, gallery.paths, settings["img_size"], settings["precision"],
@@ -188,10 +289,11 @@ def gallery_embeddings(model: torch.nn.Module, gallery: Gallery, checkpoint_path
 
     if cache_dir is None:
         return embed(), False, None
+    remove_orphan_temps(cache_dir)
     key = cache_key(checkpoint_path, gallery, settings)
     path = cache_path(cache_dir, checkpoint_path, gallery, key)
     if os.path.isfile(path):
-        feats = _read(path, key, gallery)
+        feats = _read(path, key, gallery, model.embed_dim)
         if feats is not None:
             return feats, True, path
     feats = embed()

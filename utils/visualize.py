@@ -2,8 +2,13 @@
 
 Each image sits in a framed panel with "#rank score" under it. The frame is green when the hit shows the query's
 identity, red when it does not, and grey when that is unknown (a free-text query, or a folder gallery without
-identities). The geometry is fixed by `Style` and computed by `layout`, so the picture's size and every panel's
-position follow from (rows, columns) alone.
+identities). The geometry is fixed by `Style`, so the picture's size and every panel's position follow from
+(rows, columns) alone.
+
+A picture holds at most `Style.max_rows` queries of `Style.max_cols` hits: uncapped, 40 queries of 800 hits each
+made an image 83,208 px wide that was still being written (406 MB) after 5 minutes. What is left out is counted in
+a line under the last row. The file is written to a temporary file beside it and renamed into place, so an existing
+picture is replaced whole or not at all.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from datasets.image_text import read_image
-from utils.errors import UserError
+from utils.files import write_atomic
 
 GREEN = (20, 160, 40)
 RED = (215, 30, 30)
@@ -36,6 +41,8 @@ class Style:
     line_h: int = 16
     label_h: int = 18
     font_size: int = 13
+    max_cols: int = 12  # hits drawn per query
+    max_rows: int = 20  # queries drawn
 
     @property
     def header_h(self) -> int:
@@ -64,9 +71,29 @@ class ResultRow:
     note: str = ""
 
 
-def picture_size(rows: int, cols: int, style: Style = Style()) -> Tuple[int, int]:
-    """(width, height) of a picture of `rows` queries with `cols` hits each."""
-    return style.pad + cols * (style.panel_w + style.pad), style.pad + rows * style.row_h
+def picture_size(rows: int, cols: int, style: Style = Style(), footer: bool = False) -> Tuple[int, int]:
+    """(width, height) of a picture of `rows` queries with `cols` hits each; `footer`: with the line that counts
+    what was left out (as tall as a query's text)."""
+    return (style.pad + cols * (style.panel_w + style.pad),
+            style.pad + rows * style.row_h + (style.header_h if footer else 0))
+
+
+def left_out(rows: Sequence[ResultRow], style: Style = Style()) -> Tuple[int, int]:
+    """(queries, hits) of `rows` that a picture in `style` does not draw; the hits include those of the queries
+    left out."""
+    drawn = sum(min(len(row.hits), style.max_cols) for row in rows[:style.max_rows])
+    return max(0, len(rows) - style.max_rows), sum(len(row.hits) for row in rows) - drawn
+
+
+def left_out_note(rows: Sequence[ResultRow], style: Style = Style()) -> Optional[str]:
+    """The line under a capped picture, None when everything is drawn."""
+    queries, hits = left_out(rows, style)
+    if not queries and not hits:
+        return None
+    parts = ([f"{queries} of {len(rows)} queries"] if queries else []) + \
+        [f"{hits} of {sum(len(row.hits) for row in rows)} hits"]
+    return (f"Not drawn: {' and '.join(parts)} (a picture shows at most {style.max_rows} queries x "
+            f"{style.max_cols} hits).")
 
 
 def panel_box(row: int, col: int, style: Style = Style()) -> Box:
@@ -117,15 +144,18 @@ def _paste_image(canvas: Image.Image, path: str, box: Box, style: Style) -> None
 
 
 def draw_results(rows: Sequence[ResultRow], path: str, style: Style = Style()) -> str:
-    """Draw the picture of `rows` to `path` (PNG); columns = the largest number of hits in a row."""
+    """Draw the picture of `rows` to `path` (PNG), at most `style.max_rows` rows of `style.max_cols` hits;
+    columns = the largest number of hits drawn in a row."""
     if not rows:
         raise ValueError("draw_results needs at least one row")
-    cols = max(1, max(len(r.hits) for r in rows))
-    width, height = picture_size(len(rows), cols, style)
+    note = left_out_note(rows, style)
+    shown = [ResultRow(row.query, row.hits[:style.max_cols], row.note) for row in rows[:style.max_rows]]
+    cols = max(1, max(len(r.hits) for r in shown))
+    width, height = picture_size(len(shown), cols, style, footer=note is not None)
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     font = _font(style.font_size)
-    for r, row in enumerate(rows):
+    for r, row in enumerate(shown):
         text = f"{r + 1}. {row.query}" + (f"  [{row.note}]" if row.note else "")
         top = style.pad + r * style.row_h
         for i, line in enumerate(wrap_text(text, font, width - 2 * style.pad, style.text_lines)):
@@ -136,8 +166,9 @@ def draw_results(rows: Sequence[ResultRow], path: str, style: Style = Style()) -
                            outline=frame_colour(hit.correct), width=style.frame)
             _paste_image(canvas, hit.path, box, style)
             draw.text((box[0] + 2, box[3] + 2), f"#{c + 1}  {hit.score:.3f}", fill=TEXT, font=font)
-    try:
-        canvas.save(path, format="PNG", optimize=True)
-    except OSError as e:
-        raise UserError(f"cannot write the picture {path} ({e.strerror or e})") from None
+    if note is not None:
+        top = style.pad + len(shown) * style.row_h
+        for i, line in enumerate(wrap_text(note, font, width - 2 * style.pad, style.text_lines)):
+            draw.text((style.pad, top + i * style.line_h), line, fill=TEXT, font=font)
+    write_atomic(path, lambda f: canvas.save(f, format="PNG", optimize=True), fsync=True, what="the picture")
     return path
