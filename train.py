@@ -37,9 +37,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def checkpoint_bytes(model: torch.nn.Module) -> int:
-    # best.pth + last.pth + one temporary copy, each holding the weights and two Adam moments (fp32).
-    return 3 * 3 * 4 * sum(p.numel() for p in model.parameters())
+def checkpoint_bytes(model: torch.nn.Module, run_dir: str) -> int:
+    """Free space the checkpoints may still need: at most three copies exist at once (best.pth, last.pth and the
+    temporary file of the next save), each the weights and two Adam moments in fp32, less what the folder's
+    checkpoints already occupy (best.pth and last.pth are often one file, hard-linked)."""
+    one = 3 * 4 * sum(p.numel() for p in model.parameters())
+    present = {}
+    for name in ("best.pth", "last.pth"):
+        try:
+            st = os.stat(os.path.join(run_dir, name))
+            present[(st.st_dev, st.st_ino)] = st.st_size
+        except OSError:
+            pass
+    return max(0, 3 * one - sum(present.values()))
 
 
 def write_curves(run_dir: str, logger) -> None:
@@ -138,7 +148,7 @@ def run_training(cfg, rank: int, world_size: int, local_rank: int, config_file: 
     if world_size > 1 and cfg.gather_features:
         dist_utils.use_global_batch(model, world_size)
     if rank == 0:
-        check_output_dir(run_dir, checkpoint_bytes(model))
+        check_output_dir(run_dir, checkpoint_bytes(model, run_dir))
         logger.info("model: %.2f M parameters (%s, php_modules %s, losses %s)",
                     sum(p.numel() for p in model.parameters()) / 1e6, cfg.pretrain_choice, cfg.php_modules,
                     cfg.loss_names)

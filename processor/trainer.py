@@ -27,6 +27,7 @@ from utils.checkpoint import save_checkpoint
 from utils.config import Config
 from utils.env import autocast, epoch_seed
 from utils.errors import UserError
+from utils.event_log import EventLog
 from utils.files import write_atomic
 
 logger = logging.getLogger("php")
@@ -102,10 +103,9 @@ class Trainer:
     def fit(self) -> Dict[str, float]:
         cfg = self.cfg
         if self.rank == 0 and cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
             # On resume, hide the steps that the interrupted run logged after its last checkpoint (they are redone).
             purge = (self.start_epoch - 1) * len(self.train_loader) + 1 if self.start_epoch > 1 else None
-            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=purge)
+            self.writer = EventLog(os.path.join(self.run_dir, "tensorboard"), purge_step=purge)
         try:
             for epoch in range(self.start_epoch, cfg.num_epoch + 1):
                 start = time.time()
@@ -181,8 +181,8 @@ class Trainer:
                 if self.writer is not None:
                     step = (epoch - 1) * num_iters + it
                     for k, v in values.items():
-                        self.writer.add_scalar(f"train/{k}", v, step)
-                    self.writer.add_scalar("train/lr", lr, step)
+                        self.writer.scalar(f"train/{k}", v, step)
+                    self.writer.scalar("train/lr", lr, step)
         bar.close()
         return {k: v / max(steps, 1) for k, v in sums.items()}
 
@@ -210,7 +210,7 @@ class Trainer:
         logger.info("validation after epoch %d:\n%s", epoch, table)
         if self.writer is not None:
             for k in ("R1", "R5", "R10", "mAP", "mINP"):
-                self.writer.add_scalar(f"val/{k}", results["t2i"][k], epoch)
+                self.writer.scalar(f"val/{k}", results["t2i"][k], epoch)
         return results
 
 

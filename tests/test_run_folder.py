@@ -202,3 +202,31 @@ def test_write_failure_message_is_one_line():
     with pytest.raises(UserError) as e:
         save_checkpoint({"w": torch.zeros(2)}, "/proc/no/such/place/last.pth")
     assert "\n" not in str(e.value) and "nothing was written" in str(e.value)
+
+
+def test_a_full_disk_for_tensorboard_and_the_log_only_warns(tmp_path, capsys):
+    """The events and the log file are conveniences: when their writes fail, training goes on (its checkpoint
+    saves decide), with one warning each instead of a traceback per line."""
+    import errno
+    import logging
+    from utils.event_log import EventLog
+    from utils.logger import setup_logger
+
+    logger = setup_logger(str(tmp_path / "train_log.txt"))
+    file_handler = next(h for h in logger.handlers if hasattr(h, "baseFilename"))
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    file_handler.stream.write = no_space
+    logger.info("first line")
+    logger.info("second line")
+    events = EventLog(str(tmp_path / "tensorboard"))
+    events._writer.add_scalar = no_space
+    events.scalar("train/loss", 1.0, 1)
+    events.scalar("train/loss", 0.5, 2)
+    events.close()
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "Logging error" not in err
+    assert out.count("cannot write the log file") == 1 and out.count("cannot write TensorBoard events") == 1
+    assert "second line" in out and file_handler not in logger.handlers
+    logging.getLogger("php").handlers.clear()

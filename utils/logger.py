@@ -20,6 +20,19 @@ class _Held(logging.Handler):
         self.records.append(record)
 
 
+class _LogFile(logging.FileHandler):
+    """A log file that, once a write fails (a full disk), says so on the console once and stops, instead of
+    printing a traceback for every later line; the console keeps every line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        logger = logging.getLogger("php")
+        logger.removeHandler(self)
+        logging.getLogger("py.warnings").handlers = logger.handlers
+        logger.warning("cannot write the log file %s (%s); logging to the console only", self.baseFilename,
+                       getattr(error, "strerror", None) or error)
+
+
 def setup_logger(log_file: Optional[str] = None, rank: int = 0, level: int = logging.INFO,
                  hold: bool = False) -> logging.Logger:
     """The project logger 'php': console + optional file on rank 0, warnings only elsewhere.
@@ -65,7 +78,7 @@ def _formatter() -> logging.Formatter:
 
 def _add_file(logger: logging.Logger, log_file: str) -> logging.Handler:
     os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-    handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+    handler = _LogFile(log_file, mode="a", encoding="utf-8")
     handler.setFormatter(_formatter())
     logger.addHandler(handler)
     return handler
