@@ -54,3 +54,14 @@ def build_dataset(name: str, root_dir: str, *, val_holdout_ids: int = 0, skip_mi
     fmt = ensure_demo_pedes(root_dir, demo_seed) if name == "Demo-PEDES" else DATASETS[name]
     return load_pedes(fmt, root_dir, val_holdout_ids=val_holdout_ids,
                       skip_missing_images=skip_missing_images, check_images=check_images)
+
+
+def dataset_from_config(cfg, check_images: bool = True) -> PedesDataset:
+    """The data set a run's config names: the one function every entry point and tool builds a data set with.
+
+    Reads `dataset_name`, `root_dir`, `val_holdout_ids`, `skip_missing_images` and `demo_seed` from `cfg`;
+    `check_images=False` skips the image existence check (for callers that check the images they use).
+    """
+    return build_dataset(cfg.dataset_name, cfg.root_dir, val_holdout_ids=cfg.val_holdout_ids,
+                         skip_missing_images=cfg.skip_missing_images, demo_seed=cfg.demo_seed,
+                         check_images=check_images)
