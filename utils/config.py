@@ -154,14 +154,17 @@ class Config:
     optimizer_eps: Optional[float] = _opt(None, "Adam/AdamW epsilon; empty: the reference's (Adam 1e-3, AdamW "
                                                 "1e-8).", minimum=0)
     num_epoch: int = _opt(60, "Training epochs.", positive=True)
-    lrscheduler: str = _opt("cosine", "Schedule after warm-up.", ("step", "cosine", "poly", "exp", "linear"))
+    lrscheduler: str = _opt("cosine", "Schedule after warm-up (formulas in solver/lr_scheduler.py): step, cosine, "
+                                      "linear, and poly / exp as in the reference codebases; polynomial and "
+                                      "exp_gamma are the textbook decays.",
+                            ("step", "cosine", "poly", "exp", "linear", "polynomial", "exp_gamma"))
     milestones: List[int] = _opt([20, 50], "Epochs at which the step schedule multiplies the lr by gamma.")
-    gamma: float = _opt(0.1, "Step-schedule factor (and exp-schedule base).", minimum=0)
+    gamma: float = _opt(0.1, "Step-schedule factor (and exp_gamma's base).", minimum=0)
     warmup_factor: float = _opt(0.1, "Learning-rate factor at the start of warm-up.", minimum=0)
     warmup_epochs: int = _opt(5, "Warm-up epochs.", minimum=0)
     warmup_method: str = _opt("linear", "Warm-up shape.", ("constant", "linear", "exp"))
     target_lr: float = _opt(0.0, "Final learning rate of the cosine, poly and linear schedules.", minimum=0)
-    power: float = _opt(0.9, "Exponent of the poly schedule.", minimum=0)
+    power: float = _opt(0.9, "Base of the poly and exp schedules, exponent of polynomial.", minimum=0)
 
     # --- derived helpers ---------------------------------------------------------------------------------
     @property
