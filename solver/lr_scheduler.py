@@ -10,11 +10,17 @@ Warm-up, t < W, with a = t / W (`warmup_method`):
     exp        lr = b * f ** (1 - a)
 
 After warm-up, t >= W, with r = (t - W) / (N - W), held at 1 beyond the last epoch (`lrscheduler`):
-    step       lr = b * gamma ** (number of milestones <= t)
-    cosine     lr = target_lr + (b - target_lr) * 0.5 * (1 + cos(pi * r))
-    poly       lr = target_lr + (b - target_lr) * (1 - r) ** power
-    linear     lr = target_lr + (b - target_lr) * (1 - r)
-    exp        lr = b * gamma ** r
+    step        lr = b * gamma ** (number of milestones <= t)
+    cosine      lr = target_lr + (b - target_lr) * 0.5 * (1 + cos(pi * r))
+    linear      lr = target_lr + (b - target_lr) * (1 - r)
+    poly        lr = target_lr + (b - target_lr) * power ** (1 - r)
+    exp         lr = b * power ** r
+    polynomial  lr = target_lr + (b - target_lr) * (1 - r) ** power
+    exp_gamma   lr = b * gamma ** r
+
+poly and exp are the reference codebases' formulas, so that their configs train as they did there, oddities
+included: with power < 1, poly does not decay but rises from target_lr + power * (b - target_lr) right after
+warm-up to b at the end. polynomial and exp_gamma are the textbook decays.
 
 Example (the PHP paper: lr 3e-6, 60 epochs, 5 linear warm-up epochs from 0.1, cosine): epoch 1 trains at 3e-7,
 epoch 2 at 3e-6 * 0.28, epoch 6 at 3e-6, epoch 60 at 3e-6 * 0.5 * (1 + cos(pi * 54 / 55)) ~ 2.4e-9.
@@ -33,7 +39,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from utils.config import Config
 from utils.errors import UserError
 
-SCHEDULES = ("step", "cosine", "poly", "exp", "linear")
+SCHEDULES = ("step", "cosine", "poly", "exp", "linear", "polynomial", "exp_gamma")
 WARMUPS = ("constant", "linear", "exp")
 # The config keys a schedule depends on; kept as plain values so a scheduler state stays weights_only-loadable.
 SCHEDULE_KEYS = ("num_epoch", "lrscheduler", "milestones", "gamma", "warmup_factor", "warmup_epochs",
@@ -79,15 +85,19 @@ def _lr_at_step(opts: Mapping[str, Any], base_lr: float, t: int) -> float:
     mode = opts["lrscheduler"]
     if mode == "step":
         return base_lr * opts["gamma"] ** bisect_right(opts["milestones"], t)
-    # past the last epoch the schedule holds its end value (poly would otherwise take a root of a negative)
+    # past the last epoch the schedule holds its end value (polynomial would otherwise take a root of a negative)
     r = min(1.0, (t - warmup) / (opts["num_epoch"] - warmup))
     target = opts["target_lr"]
     if mode == "cosine":
         return target + (base_lr - target) * 0.5 * (1 + math.cos(math.pi * r))
-    if mode == "poly":
-        return target + (base_lr - target) * (1 - r) ** opts["power"]
     if mode == "linear":
         return target + (base_lr - target) * (1 - r)
+    if mode == "poly":
+        return target + (base_lr - target) * opts["power"] ** (1 - r)
+    if mode == "exp":
+        return base_lr * opts["power"] ** r
+    if mode == "polynomial":
+        return target + (base_lr - target) * (1 - r) ** opts["power"]
     return base_lr * opts["gamma"] ** r
 
 
@@ -102,7 +112,7 @@ def lr_at_epoch(cfg: ScheduleConfig, base_lr: float, epoch: int) -> float:
 
 
 class LRSchedulerWithWarmup(LRScheduler):
-    """Warm-up followed by a step / cosine / poly / linear / exp decay, one `step()` per epoch.
+    """Warm-up followed by one of the decays of SCHEDULES, one `step()` per epoch.
 
     The schedule's options come from the config the scheduler is built with; `state_dict()` holds only the
     progress (`last_epoch`, base lrs), so a resumed run follows its current config, and `load_state_dict()`
