@@ -5,14 +5,14 @@
 
 The gallery is a split of the run's data set (default: the test split) or any folder of .jpg / .png images
 (`--gallery`, searched recursively). Its embeddings are computed once and cached under `<run>/cache/`, keyed by
-the checkpoint file and the gallery's files (see utils/gallery_cache.py); a later query reuses them.
+the checkpoint file and the gallery's files (see evaluation/gallery_cache.py); a later query reuses them.
 
 Output: stdout holds only the hits, one line each, `rank score path` (cosine score, path relative to the current
 folder when it lies below it, otherwise absolute, unquoted), query after query, ranks restarting at 1. stderr
 holds a `# query N: TEXT [...]` line before each query's hits and finally `# answered in S s`, timed from the
 moment the input is known to the printed answer (model loading excluded), and the log. `--topk` beyond the
 gallery's size gives every image, with a note on stderr. The picture (`--out`, default `<run>/retrieval.png`) has
-one row per query, at most 20 queries of 12 hits (utils/visualize.py Style); what it leaves out is counted in it
+one row per query, at most 20 queries of 12 hits (evaluation/visualize.py Style); what it leaves out is counted in it
 and in a note on stderr, and stdout still lists every hit.
 
 Frames in the picture: with a split gallery, a query that is one of the split's captions (`--caption N` picks
@@ -33,15 +33,16 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from evaluation.gallery_cache import (Gallery, gallery_embeddings, gallery_from_folder, gallery_from_split,
+                                      normalise_caption)
+from evaluation.visualize import Hit, ResultRow, Style, draw_results, left_out
 from model import load_model
+from model.loading import LoadedRun
 from utils.cli import run_main, split_argv
 from utils.env import autocast, resolve_device
 from utils.errors import UserError
-from utils.gallery_cache import (Gallery, gallery_embeddings, gallery_from_folder, gallery_from_split,
-                                 normalise_caption)
 from utils.logger import setup_logger
 from utils.tokenizer import tokenize
-from utils.visualize import Hit, ResultRow, Style, draw_results, left_out
 
 
 def _text_query(value: str) -> Tuple[str, str]:
@@ -89,12 +90,9 @@ def build_gallery(cfg, split_name: Optional[str], folder: Optional[str]) -> Tupl
     """The gallery to search and the split's captions (empty for a folder gallery)."""
     if folder is not None:
         return gallery_from_folder(folder), []
-    from datasets import build_dataset
+    from datasets import dataset_from_config
     # The gallery's own images are checked when they are fingerprinted; checking every split's is not needed.
-    dataset = build_dataset(cfg.dataset_name, cfg.root_dir, val_holdout_ids=cfg.val_holdout_ids,
-                            skip_missing_images=cfg.skip_missing_images, demo_seed=cfg.demo_seed,
-                            check_images=cfg.skip_missing_images)
-    split = getattr(dataset, split_name)
+    split = getattr(dataset_from_config(cfg, check_images=cfg.skip_missing_images), split_name)
     if not split["img_paths"]:
         raise UserError(f"{cfg.dataset_name} has no {split_name} split under {cfg.root_dir}")
     source = f"{cfg.dataset_name}/{split_name} under {os.path.abspath(cfg.root_dir)}"
@@ -142,11 +140,11 @@ def single_cpu_thread(device: torch.device, enabled: bool = True) -> Iterator[No
         torch.set_num_threads(threads)
 
 
-def search(model: torch.nn.Module, texts: List[str], gallery_feats: torch.Tensor, topk: int,
+def search(model: torch.nn.Module, texts: List[str], gallery_feats: torch.Tensor, topk: int, text_length: int,
            precision: str = "fp32") -> Tuple[torch.Tensor, torch.Tensor]:
     """Cosine scores and gallery indices [Q, k] of the top-k images per text, best first."""
     device = next(model.parameters()).device
-    ids = tokenize(texts, model.cfg.text_length, truncate=True).to(device)
+    ids = tokenize(texts, text_length, truncate=True).to(device)
     model.eval()
     with torch.inference_mode(), autocast(device, precision), \
             single_cpu_thread(device, len(texts) <= FEW_QUERIES):
@@ -156,7 +154,7 @@ def search(model: torch.nn.Module, texts: List[str], gallery_feats: torch.Tensor
     return scores, index
 
 
-def answer(model: torch.nn.Module, queries: List[Tuple[str, object]], split_name: str, folder: Optional[str],
+def answer(run: LoadedRun, queries: List[Tuple[str, object]], split_name: str, folder: Optional[str],
            topk: int, cache_dir: Optional[str]) -> Tuple[Gallery, List[ResultRow], bool, Optional[str]]:
     """Everything between the input and the printed answer: the gallery, its embeddings (cached), the search.
 
@@ -164,14 +162,15 @@ def answer(model: torch.nn.Module, queries: List[Tuple[str, object]], split_name
     row's note says whether the query's identity is known), whether the embeddings came from the cache, and the
     cache file (None without one).
     """
-    cfg = model.cfg
+    cfg = run.cfg
     gallery, captions = build_gallery(cfg, split_name if folder is None else None, folder)
     resolved = resolve_queries(queries, gallery, captions, split_name)
-    settings = {"compat": model.compat, "img_size": list(cfg.img_size), "precision": cfg.precision,
+    settings = {"compat": run.compat, "img_size": list(cfg.img_size), "precision": cfg.precision,
                 "batch_size": cfg.test_batch_size}
-    gallery_feats, cached, cache_file = gallery_embeddings(model, gallery, model.checkpoint_path, cache_dir,
+    gallery_feats, cached, cache_file = gallery_embeddings(run.model, gallery, run.checkpoint_path, cache_dir,
                                                            settings, cfg.num_workers)
-    scores, index = search(model, [text for text, _ in resolved], gallery_feats, topk, cfg.precision)
+    scores, index = search(run.model, [text for text, _ in resolved], gallery_feats, topk, cfg.text_length,
+                           cfg.precision)
     rows = []
     for q, (text, pid) in enumerate(resolved):
         known = pid is not None and gallery.pids is not None
@@ -204,8 +203,8 @@ def main(argv) -> int:
     compat = overrides.pop("compat", "auto")
     device = resolve_device(overrides.get("device", "auto"))
     load_start = time.perf_counter()
-    model = load_model(args.config_file, args.checkpoint, device=str(device), compat=compat, overrides=overrides,
-                       trusted=args.trust_checkpoint)
+    run = load_model(args.config_file, args.checkpoint, device=str(device), compat=compat, overrides=overrides,
+                     trusted=args.trust_checkpoint)
     tokenize("")  # reads the BPE vocabulary: part of loading the model, not of answering
     load_seconds = time.perf_counter() - load_start
     run_dir = os.path.dirname(os.path.abspath(args.config_file))
@@ -213,7 +212,7 @@ def main(argv) -> int:
 
     # The input is known from here on: this is what the answer time measures.
     start = time.perf_counter()
-    gallery, rows, cached, cache_file = answer(model, args.queries, split_name, args.gallery, args.topk, cache_dir)
+    gallery, rows, cached, cache_file = answer(run, args.queries, split_name, args.gallery, args.topk, cache_dir)
     if args.topk > len(gallery):
         print(f"# --topk {args.topk} is more than the gallery's {len(gallery)} images: giving all {len(gallery)}",
               file=sys.stderr, flush=True)

@@ -10,13 +10,14 @@ import json
 import logging
 import os
 
-from datasets import build_dataset
+from datasets import dataset_from_config
 from datasets.loaders import build_eval_loaders
+from evaluation.evaluator import Evaluator
 from model import load_model
+from model.loading import LoadedRun
 from utils.cli import run_main, split_argv
 from utils.env import resolve_device
 from utils.errors import UserError
-from utils.evaluator import Evaluator
 from utils.files import write_atomic
 from utils.logger import setup_logger
 from utils.runlock import RunLock
@@ -51,9 +52,7 @@ def write_results(path: str, updates: dict) -> None:
 
 
 def load_split(cfg, split_name: str) -> dict:
-    dataset = build_dataset(cfg.dataset_name, cfg.root_dir, val_holdout_ids=cfg.val_holdout_ids,
-                            skip_missing_images=cfg.skip_missing_images, demo_seed=cfg.demo_seed)
-    split = getattr(dataset, split_name)
+    split = getattr(dataset_from_config(cfg), split_name)
     if not split["captions"]:
         raise UserError(f"{cfg.dataset_name} has no {split_name} split under {cfg.root_dir}")
     return split
@@ -64,23 +63,24 @@ def main(argv) -> int:
     logger = setup_logger()
     compat = overrides.pop("compat", "auto")
     device = resolve_device(overrides.get("device", "auto"))
-    model = load_model(args.config_file, args.checkpoint, device=str(device), compat=compat, overrides=overrides,
-                       trusted=args.trust_checkpoint)
-    cfg = model.cfg
-    split = load_split(cfg, args.split)
+    run = load_model(args.config_file, args.checkpoint, device=str(device), compat=compat, overrides=overrides,
+                     trusted=args.trust_checkpoint)
+    split = load_split(run.cfg, args.split)
     run_dir = os.path.dirname(os.path.abspath(args.config_file))
-    logger.info("evaluating %s on %s/%s (compat %s)", model.checkpoint_path, cfg.dataset_name, args.split,
-                model.compat)
+    logger.info("evaluating %s on %s/%s (compat %s)", run.checkpoint_path, run.cfg.dataset_name, args.split,
+                run.compat)
     # test_results.json and experts.png go into the run folder: not while another process writes it.
     with RunLock(run_dir, "test.py"):
-        return evaluate(model, cfg, split, args, run_dir)
+        return evaluate(run, split, args, run_dir)
 
 
-def evaluate(model, cfg, split: dict, args, run_dir: str) -> int:
-    """Evaluate (or audit) `model` on `split`, print the table and write test_results.json; the exit code."""
+def evaluate(run: LoadedRun, split: dict, args, run_dir: str) -> int:
+    """Evaluate (or audit) the run's model on `split`, print the table and write test_results.json; the exit
+    code."""
+    model, cfg = run.model, run.cfg
     results_path = os.path.join(run_dir, "test_results.json")
     if args.audit:
-        from processor.audit import run_audit
+        from evaluation.audit import run_audit
         audit = run_audit(model, cfg, split)
         write_results(results_path, {"audit": audit})
         return 0 if audit["batch_independent"] else 3
@@ -89,14 +89,14 @@ def evaluate(model, cfg, split: dict, args, run_dir: str) -> int:
     results, table = evaluator.evaluate(model, i2t=args.i2t)
     print(table)
     record = {"t2i": {k: results["t2i"][k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
-              "checkpoint": os.path.abspath(model.checkpoint_path), "dataset": cfg.dataset_name,
-              "split": args.split, "compat": model.compat, "num_queries": results["num_queries"],
+              "checkpoint": os.path.abspath(run.checkpoint_path), "dataset": cfg.dataset_name,
+              "split": args.split, "compat": run.compat, "num_queries": results["num_queries"],
               "num_gallery": results["num_gallery"]}
     if args.i2t:
         record["i2t"] = {k: results["i2t"][k] for k in ("R1", "R5", "R10", "mAP", "mINP")}
     usage = model.expert_usage()
     if usage:
-        from utils.expert_report import report_expert_usage
+        from evaluation.expert_report import report_expert_usage
         record["expert_usage"] = report_expert_usage(usage, run_dir)
     write_results(results_path, record)
     logging.getLogger("php").info("results written to %s", results_path)

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.metrics import retrieval_metrics  # noqa: E402
+from evaluation.metrics import retrieval_metrics  # noqa: E402
 
 FULL_SIZE, FULL_IDS = 19848, 1000
 KEYS = ("R1", "R5", "R10", "mAP", "mINP")

@@ -39,21 +39,21 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=7, help="cached answers timed (uncached: half as many, >= 2)")
     args, overrides = split_argv(p, argv)
     compat = overrides.pop("compat", "auto")
-    model = load_model(args.config_file, compat=compat, overrides=overrides)
+    run = load_model(args.config_file, compat=compat, overrides=overrides)
     cache_dir = tempfile.mkdtemp(prefix="retrieve-bench-")
     try:
-        def run(cache):
-            return answer(model, [QUERY], args.split, None, 10, cache)
+        def query(cache):
+            return answer(run, [QUERY], args.split, None, 10, cache)
 
-        uncached = [timed(lambda: run(None)) for _ in range(max(2, args.repeats // 2))]
-        first = timed(lambda: run(cache_dir))  # embeds the gallery and writes the cache
-        cached = [timed(lambda: run(cache_dir)) for _ in range(args.repeats)]
-        gallery, _, reused, _ = run(cache_dir)
+        uncached = [timed(lambda: query(None)) for _ in range(max(2, args.repeats // 2))]
+        first = timed(lambda: query(cache_dir))  # embeds the gallery and writes the cache
+        cached = [timed(lambda: query(cache_dir)) for _ in range(args.repeats)]
+        gallery, _, reused, _ = query(cache_dir)
         assert reused, "the cache was not reused"
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    print(f"{model.cfg.dataset_name}/{args.split}: gallery of {len(gallery)} images, device "
-          f"{next(model.parameters()).device}, precision {model.cfg.precision}")
+    print(f"{run.cfg.dataset_name}/{args.split}: gallery of {len(gallery)} images, device "
+          f"{next(run.model.parameters()).device}, precision {run.cfg.precision}")
     print(f"without cache  (embeds the gallery): median {statistics.median(uncached):.3f} s over {len(uncached)} "
           f"(min {min(uncached):.3f})")
     print(f"first cached run (embed + write):    {first:.3f} s")

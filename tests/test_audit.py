@@ -5,7 +5,7 @@ import os
 import pytest
 
 import test as test_entry
-from processor.audit import ORDERS, TOLERANCE
+from evaluation.audit import ORDERS, TOLERANCE
 from published_layout import write_published_run
 from utils.cli import run_main
 

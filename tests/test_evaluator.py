@@ -1,4 +1,5 @@
-"""Evaluator: embeddings, metrics equal to retrieval_metrics on the hand-built similarity, mode and hooks."""
+"""Evaluator and embed_loaders: embeddings, metrics equal to retrieval_metrics on the hand-built similarity, mode and
+hooks."""
 import logging
 
 import pytest
@@ -6,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from evaluation.embed import embed_loaders
+from evaluation.evaluator import Evaluator
+from evaluation.metrics import retrieval_metrics
 from utils.errors import UserError
-from utils.evaluator import Evaluator
-from utils.metrics import retrieval_metrics
 
 DIM, VOCAB, LENGTH = 8, 50, 6
 
@@ -145,3 +147,17 @@ def test_bad_precision_and_bad_batches():
         Evaluator(bad_loader, txt_loader).embed(FakeModel())
     with pytest.raises(UserError, match="no batches"):
         Evaluator([], txt_loader).embed(FakeModel())
+
+
+def test_embed_loaders_of_one_kind_only():
+    """The gallery cache embeds images alone: same embeddings as with the captions, and only their keys."""
+    img_loader, txt_loader, _ = make_data()
+    model = FakeModel()
+    both = embed_loaders(model, img_loader, txt_loader, precision="bf16")
+    images = embed_loaders(model, img_loader, precision="bf16")
+    texts = embed_loaders(model, texts=txt_loader, precision="bf16")
+    assert set(images) == {"image_feats", "image_pids"} and set(texts) == {"text_feats", "text_pids"}
+    assert torch.equal(images["image_feats"], both["image_feats"])
+    assert torch.equal(texts["text_feats"], both["text_feats"])
+    assert model.calls.count("reset") == 3 and model.training  # restored after each call
+    assert all(not call[1] and call[2] for call in model.calls if call != "reset")  # eval mode, autocast

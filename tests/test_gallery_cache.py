@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from evaluation import gallery_cache
+from evaluation.gallery_cache import Gallery, features_sha256
 from test_retrieve import encode_calls, retrieve_cli, run_copy  # noqa: F401 - fixtures used by name
-from utils import gallery_cache
-from utils.gallery_cache import Gallery, features_sha256
+from utils import files
 
 ARGS = ("--caption", "3", "--query", "a man in a blue jacket", "--topk", "5")
 
@@ -130,11 +131,13 @@ def test_temp_files_of_killed_writers_are_removed(run_copy, demo_root, tmp_path,
     dead = start_writer(folder, die=True)
     live = start_writer(folder, die=False)
     try:
-        [dead_tmp] = glob.glob(os.path.join(folder, f".gallery-{dead}-*.tmp"))
-        [live_tmp] = glob.glob(os.path.join(folder, f".gallery-{live}-*.tmp"))
-        old_legacy, new_legacy, unrelated = (os.path.join(folder, name) for name in
-                                             (".gallery-k2j4h5_6.tmp", ".gallery-a1b2c3d4.tmp", "notes.tmp"))
-        for path in (old_legacy, new_legacy, unrelated):
+        [dead_tmp] = glob.glob(os.path.join(folder, f".gallery-000000000000-0.pt.{dead}-*.tmp"))
+        [live_tmp] = glob.glob(os.path.join(folder, f".gallery-000000000000-0.pt.{live}-*.tmp"))
+        # Named by earlier versions: with the writer's pid, and before that without one.
+        dead_v2, old_legacy, new_legacy, unrelated = (
+            os.path.join(folder, name) for name in
+            (f".gallery-{dead}-x1y2z3_4.tmp", ".gallery-k2j4h5_6.tmp", ".gallery-a1b2c3d4.tmp", "notes.tmp"))
+        for path in (dead_v2, old_legacy, new_legacy, unrelated):
             open(path, "wb").close()
         two_hours_ago = time.time() - 7200
         os.utime(old_legacy, (two_hours_ago, two_hours_ago))
@@ -144,8 +147,9 @@ def test_temp_files_of_killed_writers_are_removed(run_copy, demo_root, tmp_path,
         assert code == 0
         left = set(glob.glob(os.path.join(folder, "*")) + glob.glob(os.path.join(folder, ".*")))
         assert left == {live_tmp, new_legacy, unrelated, only_cache_file(folder)}
-        assert f"removed {dead_tmp}, left by an interrupted gallery cache write (its writer, process {dead}, " \
-               f"is gone)" in err
+        for path in (dead_tmp, dead_v2):
+            assert f"removed {path}, left by an interrupted gallery cache write (its writer, process {dead}, " \
+                   f"is gone)" in err
         assert f"removed {old_legacy}, " in err and "untouched for 2.0 h" in err
         assert live_tmp not in err and new_legacy not in err
     finally:
@@ -154,8 +158,8 @@ def test_temp_files_of_killed_writers_are_removed(run_copy, demo_root, tmp_path,
 
 
 def test_pid_check():
-    assert gallery_cache._pid_alive(os.getpid())
-    assert not gallery_cache._pid_alive(0) and not gallery_cache._pid_alive(10 ** 30)
+    assert files._pid_alive(os.getpid())
+    assert not files._pid_alive(0) and not files._pid_alive(10 ** 30)
     if sys.platform.startswith("linux"):
         with open("/proc/sys/kernel/pid_max") as f:
-            assert not gallery_cache._pid_alive(int(f.read()) + 1)
+            assert not files._pid_alive(int(f.read()) + 1)

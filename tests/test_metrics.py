@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-import utils.metrics as metrics_module
+import evaluation.metrics as metrics_module
+from evaluation.metrics import format_table, retrieval_metrics
 from utils.errors import UserError
-from utils.metrics import format_table, retrieval_metrics
 
 KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 

@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 import train
+from evaluation.expert_report import plot_usage, report_expert_usage, usage_table
+from model.php_head import usage_report
 from tools import plot_curves as curves
 from utils.cli import run_main
 from utils.errors import UserError
-from utils.expert_report import plot_usage, report_expert_usage, usage_table
-from model.php_head import usage_report
 
 
 def png_size(path):
@@ -83,21 +83,6 @@ def test_curve_failure_never_fails_training(tmp_path, monkeypatch, caplog):
         monkeypatch.undo()
         train.write_curves(str(tmp_path), logger)  # no history.json: a warning too
     assert "history.json" in caplog.text
-
-
-@pytest.fixture()
-def php_log():
-    """Messages of the project logger 'php' (which does not propagate to pytest's caplog)."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("php")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def synthetic_usage(blocks=3, experts=4):

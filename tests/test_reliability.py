@@ -168,6 +168,15 @@ def _writing(folder, min_bytes):
     return False
 
 
+def _stuck_write(path, obj):
+    def write_then_wait(o, f):
+        f.write(b"PK partial")
+        f.flush()
+        time.sleep(600)
+    torch.save = write_then_wait  # only in this child process
+    save_checkpoint(obj, path)
+
+
 def state(epoch, numel=1000):
     return {"model": {"w": torch.arange(numel, dtype=torch.float32) + epoch}, "epoch": epoch}
 
@@ -195,6 +204,26 @@ def test_kill_during_checkpoint_write_keeps_both_files(tmp_path, how, name):
             read_checkpoint(str(tmp_path / partial[0]))
     assert remove_partial_checkpoints(str(tmp_path)) == partial
     assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth"]
+
+
+def test_partial_checkpoint_of_a_running_save_is_kept(tmp_path):
+    child = _in_child(_stuck_write, str(tmp_path / "last.pth"), state(1))
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not _writing(str(tmp_path), 1):
+            time.sleep(0.01)
+        [live] = os.listdir(tmp_path)
+        assert live.startswith(f".last.pth.{child.pid}-") and live.endswith(".tmp")
+        # Left by an earlier version (no pid in the name), and by an earlier process that had this process's pid
+        # (a restarted container's processes get the same pids).
+        leftovers = [".best.pth.0a1b2c3d.tmp", f".best.pth.{os.getpid()}-0a1b2c3d.tmp"]
+        for name in leftovers:
+            (tmp_path / name).write_bytes(b"PK partial")
+        assert sorted(remove_partial_checkpoints(str(tmp_path))) == sorted(leftovers)
+        assert os.listdir(tmp_path) == [live]
+    finally:
+        child.kill()
+        child.join(60)
 
 
 def test_kill_at_a_random_moment_of_large_writes(tmp_path):

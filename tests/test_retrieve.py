@@ -13,11 +13,11 @@ from PIL import Image
 
 import retrieve
 from datasets import build_dataset
+from evaluation.visualize import (BACKGROUND, GREEN, GREY, RED, Hit, ResultRow, Style, draw_results, left_out,
+                                  left_out_note, panel_box, picture_size, wrap_text)
 from model.retrieval_model import RetrievalModel
 from utils.cli import run_main
 from utils.errors import UserError
-from utils.visualize import (BACKGROUND, GREEN, GREY, RED, Hit, ResultRow, Style, draw_results, left_out,
-                             left_out_note, panel_box, picture_size, wrap_text)
 
 HIT = re.compile(r"^(\d+) (-?\d+\.\d{4}) (\S.*)$")
 
@@ -212,7 +212,7 @@ def test_bad_input_is_one_line(run_copy, demo_root, tmp_path, capsys, args, mess
 
 
 def test_query_equal_to_a_caption_has_its_identity():
-    from utils.gallery_cache import gallery_from_split
+    from evaluation.gallery_cache import gallery_from_split
     split = {"image_pids": [7, 9], "img_paths": ["a.jpg", "b.jpg"], "caption_pids": [7, 9],
              "captions": ["A man in a  Red coat.", "a woman"]}
     gallery = gallery_from_split(split, "test split")
@@ -246,7 +246,7 @@ def test_picture_layout_with_odd_image_sizes(tmp_path):
 
 
 def test_wrap_text_limits_lines():
-    from utils.visualize import _font
+    from evaluation.visualize import _font
     font = _font(13)
     lines = wrap_text("a long description " * 50, font, 300, 3)
     assert len(lines) == 3 and lines[-1].endswith("...")

@@ -15,6 +15,7 @@ Exit status: 0 when every row succeeded, 1 when any failed, 2 for bad options.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -22,24 +23,26 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from datasets import build_dataset  # noqa: E402
+from datasets import dataset_from_config  # noqa: E402
 from datasets.loaders import build_eval_loaders  # noqa: E402
+from evaluation.embed import embed_loaders  # noqa: E402
+from evaluation.metrics import retrieval_metrics  # noqa: E402
 from model import load_model  # noqa: E402
-from model.loading import CompatibilityWarning  # noqa: E402
+from model.checkpoint_compat import COMPAT_ATTENTION, COMPAT_MODES  # noqa: E402
+from model.loading import CompatibilityWarning, LoadedRun  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.config import Config, apply, parse_overrides, read_yaml  # noqa: E402
 from utils.env import resolve_device  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.evaluator import Evaluator  # noqa: E402
+from utils.files import write_atomic  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
-from utils.metrics import retrieval_metrics  # noqa: E402
 
 LOGS = "logs"
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -47,7 +50,6 @@ COLUMNS = ("run", "dataset", "compat", *METRICS, "note")
 FLAGS = ("--debug", "--trust_checkpoint")
 # The options that decide which evaluation split a run reads (its cache key).
 DATA_KEYS = ("dataset_name", "root_dir", "val_holdout_ids", "skip_missing_images", "demo_seed")
-ATTENTION = {"php_v1": "batch", "none": "tokens"}  # compat mode -> EFP attention
 
 
 @dataclass
@@ -99,8 +101,8 @@ def parse_arguments(argv: Sequence[str]) -> Arguments:
     compat = overrides.get("compat", "auto")
     # Type-check every value once, up front: a bad override is the command's error, not every run's.
     apply(Config(), overrides, "command line")
-    if compat not in ("auto", "none", "php_v1"):
-        raise UserError(f"command line: option 'compat' must be one of auto, none, php_v1; got {compat!r}")
+    if compat not in COMPAT_MODES:
+        raise UserError(f"command line: option 'compat' must be one of {', '.join(COMPAT_MODES)}; got {compat!r}")
     return Arguments(runs, overrides, tuple(flags))
 
 
@@ -160,9 +162,7 @@ class SplitCache:
         key = tuple(os.path.abspath(cfg.root_dir) if k == "root_dir" else getattr(cfg, k) for k in DATA_KEYS)
         if key not in self._splits:
             try:
-                dataset = build_dataset(cfg.dataset_name, cfg.root_dir, val_holdout_ids=cfg.val_holdout_ids,
-                                        skip_missing_images=cfg.skip_missing_images, demo_seed=cfg.demo_seed)
-                split = dataset.test
+                split = dataset_from_config(cfg).test
                 if not split["captions"]:
                     raise UserError(f"{cfg.dataset_name} has no test split under {cfg.root_dir}")
                 self._splits[key] = split
@@ -174,11 +174,11 @@ class SplitCache:
         return value
 
 
-def compat_modes(model, requested: str) -> List[str]:
-    """The compatibility modes to evaluate a loaded model in, in row order."""
-    if requested == "auto" and model.layout == "php_v1":
+def compat_modes(run: LoadedRun, requested: str) -> List[str]:
+    """The compatibility modes to evaluate a loaded run in, in row order."""
+    if requested == "auto" and run.layout == "php_v1":
         return ["php_v1", "none"]
-    return [model.compat]
+    return [run.compat]
 
 
 def mode_note(compat: str, cfg: Config, metrics: dict) -> str:
@@ -206,7 +206,7 @@ class ModesEncoder(torch.nn.Module):
     def _encode(self, encode, inputs: torch.Tensor) -> torch.Tensor:
         outputs = []
         for mode in self.modes:
-            self.model.set_efp_attention(ATTENTION[mode])
+            self.model.set_efp_attention(COMPAT_ATTENTION[mode])
             outputs.append(encode(inputs).float())
         return torch.cat(outputs, dim=1)
 
@@ -217,9 +217,11 @@ class ModesEncoder(torch.nn.Module):
         return self._encode(self.model.encode_text, caption_ids)
 
 
-def evaluate_modes(model: torch.nn.Module, modes: Sequence[str], evaluator: Evaluator) -> Dict[str, dict]:
-    """t2i metrics (as `retrieval_metrics` returns them) of `model` in each compat mode, from one data pass."""
-    feats = evaluator.embed(ModesEncoder(model, modes), normalize=False)
+def evaluate_modes(model: torch.nn.Module, modes: Sequence[str], loaders: Sequence[Iterable],
+                   precision: str = "fp32", desc: str = "eval") -> Dict[str, dict]:
+    """t2i metrics (as `retrieval_metrics` returns them) of `model` in each compat mode, from one pass over
+    `loaders` (the image loader, the text loader)."""
+    feats = embed_loaders(ModesEncoder(model, modes), *loaders, precision=precision, normalize=False, desc=desc)
     device = next(model.parameters()).device
     width = feats["image_feats"].shape[1] // len(modes)
     results = {}
@@ -245,16 +247,15 @@ def evaluate_run(run: str, args: Arguments, cache: SplitCache, device: str,
     requested = str(args.overrides.get("compat", "auto"))
     config_file = config_path(run)
     split = cache.get(data_config(config_file, overrides))  # before the checkpoint: a missing data set is cheap
-    model = load_model(config_file, device=device, compat=requested, overrides=overrides,
-                       trusted="--trust_checkpoint" in args.flags)
-    cfg = model.cfg
+    loaded = load_model(config_file, device=device, compat=requested, overrides=overrides,
+                        trusted="--trust_checkpoint" in args.flags)
+    cfg = loaded.cfg
     if "num_workers" not in overrides:
         # Published configs carry their authors' worker count (8); more workers than cores only adds start-up.
         cfg.num_workers = min(cfg.num_workers, available_cpus())
-    modes = compat_modes(model, requested)
+    modes = compat_modes(loaded, requested)
     logger.info("evaluating %s on %s (compat %s)", label, cfg.dataset_name, " and ".join(modes))
-    evaluator = Evaluator(*build_eval_loaders(cfg, split), precision=cfg.precision, desc=label)
-    results = evaluate_modes(model, modes, evaluator)
+    results = evaluate_modes(loaded.model, modes, build_eval_loaders(cfg, split), cfg.precision, label)
     return [Row(label, cfg.dataset_name, mode, {k: float(results[mode][k]) for k in METRICS},
                 mode_note(mode, cfg, results[mode])) for mode in modes]
 
@@ -294,15 +295,10 @@ def csv_table(rows: Sequence[Row]) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write `text` to `path` atomically (a reader never sees half a summary)."""
-    tmp = f"{path}.tmp"
-    try:
+    """Write `text` to `path` atomically (a reader never sees half a summary), making its folder."""
+    with contextlib.suppress(OSError):  # a folder that cannot be made fails the write, which names the reason
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
+    write_atomic(path, text, what="the summary")
 
 
 def evaluate_all(args: Arguments, logger: logging.Logger) -> List[Row]:

@@ -24,9 +24,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from datasets import build_dataset  # noqa: E402
+from datasets import dataset_from_config  # noqa: E402
+from evaluation.audit import ORDERS, audit  # noqa: E402
 from model import load_model  # noqa: E402
-from processor.audit import ORDERS, audit  # noqa: E402
 from utils.cli import run_main, split_argv  # noqa: E402
 from utils.config import build_config  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -69,7 +69,7 @@ def markdown(rows: list, command: str, seconds: float, batch_size: int) -> str:
         "samples of a batch share identities, and the batch itself leaks them. This study trains PHP twice with",
         "the same seed and config, once with attention within each sample (`efp_attention: tokens`, this",
         "project's default) and once across the batch (`efp_attention: batch`, the reference's behaviour), and",
-        f"evaluates each with the test lists in identity order, shuffled, and one sample per batch (batch size",
+        "evaluates each with the test lists in identity order, shuffled, and one sample per batch (batch size",
         f"{batch_size} otherwise). The ICFG-like split keeps one caption per image with both lists in identity",
         "order, as in ICFG-PEDES, where query batch k and gallery batch k hold the same people.",
         "",
@@ -103,14 +103,13 @@ def main(argv) -> int:
     setup_logger()
     rows = []
     for mode, run_dir in run_dirs.items():
-        model = load_model(os.path.join(run_dir, "configs.yaml"), compat="auto",
-                           overrides={"test_batch_size": args.eval_batch_size})
-        cfg = model.cfg
-        dataset = build_dataset(cfg.dataset_name, cfg.root_dir, demo_seed=cfg.demo_seed)
+        run = load_model(os.path.join(run_dir, "configs.yaml"), compat="auto",
+                         overrides={"test_batch_size": args.eval_batch_size})
+        dataset = dataset_from_config(run.cfg)
         splits = {"Demo-PEDES test (2 captions per image)": dataset.test,
                   "ICFG-like (1 caption per image)": one_caption_per_image(dataset.test)}
         for split_name, split in splits.items():
-            result = audit(model, cfg, split, batch_size=args.eval_batch_size)
+            result = audit(run.model, run.cfg, split, batch_size=args.eval_batch_size)
             for order in ORDERS:
                 m = result["modes"][order]
                 rows.append({"model": f"efp_attention: {mode}", "split": split_name, "order": ORDER_NAMES[order],

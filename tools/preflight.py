@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets import build_dataset  # noqa: E402
+from datasets import dataset_from_config  # noqa: E402
 from model.backbone import resolve_pretrained_path  # noqa: E402
 from utils.cli import run_main, split_argv  # noqa: E402
 from utils.config import build_config  # noqa: E402
@@ -22,7 +22,7 @@ def problems(cfg) -> list:
     found = []
     if cfg.dataset_name != "Demo-PEDES":  # generated on first use
         try:
-            build_dataset(cfg.dataset_name, cfg.root_dir, check_images=False)
+            dataset_from_config(cfg, check_images=False)
         except UserError as e:
             found.append(str(e))
     try:

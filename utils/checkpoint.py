@@ -17,11 +17,11 @@ from typing import Any, List, Sequence
 import torch
 
 from utils.errors import UserError
-from utils.files import TMP_SUFFIX, write_atomic
+from utils.files import remove_orphan_temps, write_atomic
 
 TRUST_FLAG = "--trust_checkpoint"
-# save_checkpoint's temporary files: ".<name>.pth.<random>.tmp"
-_PARTIAL = re.compile(r"^\..+\.pth\.\w+" + re.escape(TMP_SUFFIX) + "$")
+# The files save_checkpoint writes (their temporaries are ".<name>.pth.<pid>-<random>.tmp").
+_CHECKPOINT_NAMES = r".+\.pth"
 
 
 def save_checkpoint(obj: Any, path: str, also: Sequence[str] = ()) -> None:
@@ -99,9 +99,10 @@ def _why_unreadable(path: str, error: Exception) -> str:
 
 
 def remove_partial_checkpoints(folder: str) -> List[str]:
-    """Delete the temporary files that runs killed while writing a checkpoint left in `folder`; returns them."""
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    removed = [n for n in names if _PARTIAL.match(n)]
-    for name in removed:
-        os.unlink(os.path.join(folder, name))
-    return removed
+    """Delete the temporary files that runs killed while writing a checkpoint left in `folder`; returns their names.
+
+    The temporary file of a writer that still runs is kept. train.py calls it holding the run folder's lock, so
+    a temporary named without a pid (by an earlier version) cannot belong to a running save: removed at any age.
+    """
+    removed = remove_orphan_temps(folder, _CHECKPOINT_NAMES, legacy_max_age_s=0)
+    return [os.path.basename(path) for path, _ in removed]

@@ -1,26 +1,32 @@
 """Writing files so that a reader, or a crash, never sees half of one."""
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import secrets
 import shutil
-from typing import IO, Callable, Sequence, Union
+import time
+from typing import IO, Callable, Iterator, List, Sequence, Tuple, Union
 
 from utils.errors import UserError
 
 TMP_SUFFIX = ".tmp"
+# A temporary file whose name carries no pid (named before names had one) is abandoned once this old.
+LEGACY_TEMP_MAX_AGE_S = 3600
 Content = Union[str, bytes, Callable[[IO[bytes]], None]]
 
 
 def temp_path_beside(path: str) -> str:
-    """A new, empty temporary file next to `path`, named `.<name>.<random>.tmp` (so a rename is atomic).
+    """A new, empty temporary file next to `path`, named `.<name>.<pid>-<8 hex>.tmp` (so a rename is atomic).
 
-    Created with mode 0o666 less the umask, as `open()` would create `path` itself (mkstemp's 0o600 would make
-    a run folder's files unreadable to the rest of a group that shares it).
+    The pid tells `remove_orphan_temps` whether its writer still runs. Created with mode 0o666 less the umask, as
+    `open()` would create `path` itself (mkstemp's 0o600 would make a run folder's files unreadable to the rest
+    of a group that shares it).
     """
     folder, name = os.path.split(os.path.abspath(path))
     while True:
-        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -78,6 +84,20 @@ def write_atomic(path: str, content: Content, fsync: bool = False, what: str = "
         sync_folder(os.path.dirname(os.path.abspath(path)))
 
 
+@contextlib.contextmanager
+def reading(path: str, kind: str) -> Iterator[None]:
+    """Turn what can go wrong reading and parsing a text file of `kind` ("JSON", "YAML") into one UserError line
+    naming it: not UTF-8, nested too deeply for the parser, unreadable. (Syntax errors are the parser's own.)"""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte offset {e.start}); expected {kind}") from None
+    except RecursionError:
+        raise UserError(f"{path}: {kind} nested too deeply to parse") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
 def sync_folder(folder: str) -> None:
     """Flush a folder's entries (a rename into it) to disk; not every platform or file system allows it."""
     try:
@@ -90,3 +110,62 @@ def sync_folder(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would terminate the process on Windows: keep the file
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+def remove_orphan_temps(folder: str, names_like: str,
+                        legacy_max_age_s: float = LEGACY_TEMP_MAX_AGE_S) -> List[Tuple[str, str]]:
+    """Delete the temporary files that writers killed mid-write left in `folder`; returns (path, why) pairs.
+
+    `names_like` is a regular expression for the name of the file a temporary was to become: `<name>` in
+    `.<name>.<pid>-<random>.tmp`; names an earlier version wrote, `.<name>.<random>.tmp` and
+    `.<name>-[<pid>-]<random>.tmp`, match too. A file whose pid is alive belongs to a concurrent writer and is
+    kept; one without a pid is removed once it is `legacy_max_age_s` old. Call it while this process writes
+    nothing into `folder`: a file named with its own pid is then the leftover of an earlier process that had the
+    same pid (a container's processes get the same pids on every start).
+    """
+    pattern = re.compile(rf"^\.(?:{names_like})[.-](?:(\d+)-)?\w+{re.escape(TMP_SUFFIX)}$")
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = pattern.match(name)
+        if not match:
+            continue
+        path = os.path.join(folder, name)
+        if match.group(1) is not None:
+            pid = int(match.group(1))
+            if pid != os.getpid() and _pid_alive(pid):
+                continue
+            why = f"its writer, process {pid}, is gone"
+        else:
+            try:
+                age = time.time() - os.stat(path).st_mtime
+            except OSError:
+                continue
+            if age < legacy_max_age_s:
+                continue
+            why = f"untouched for {age / 3600:.1f} h"
+        try:
+            os.unlink(path)
+        except OSError:
+            continue  # removed meanwhile by another process, or a read-only folder: nothing to report
+        removed.append((path, why))
+    return removed

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Subset
 from datasets.image_text import ImageDataset, TextDataset
 from datasets.loaders import collate
 from datasets.transforms import build_transforms
-from utils.evaluator import Evaluator
-from utils.metrics import METRIC_KEYS, retrieval_metrics
+from evaluation.embed import embed_loaders
+from evaluation.metrics import METRIC_KEYS, retrieval_metrics
 
 logger = logging.getLogger("php")
 
@@ -38,7 +38,7 @@ def embed_split(model, cfg, split: dict, order: str = "file", batch_size: Option
              for ds in (images, texts)]
     loaders = [DataLoader(Subset(ds, perm.tolist()), batch_size=batch_size, shuffle=False, collate_fn=collate,
                           num_workers=cfg.num_workers) for ds, perm in zip((images, texts), perms)]
-    feats = Evaluator(*loaders, precision="fp32", desc=f"audit ({order})").embed(model, normalize=False)
+    feats = embed_loaders(model, *loaders, precision="fp32", normalize=False, desc=f"audit ({order})")
     out = {}
     for name, perm in (("image", perms[0]), ("text", perms[1])):
         for kind in ("feats", "pids"):

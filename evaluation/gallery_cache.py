@@ -12,31 +12,30 @@ features are stored with their sha256, shape and dtype, and a file is used only 
 of shape [len(gallery), the model's embedding width], finite, and match their checksum; otherwise it is
 re-embedded and rewritten, with a warning naming the file and the reason.
 
-A cache write goes to `.gallery-<pid>-<random>.tmp` and is renamed into place. A writer killed before the
-rename leaves that file behind; it is removed the next time the folder is used, once its pid is no longer alive.
+A cache write goes to a temporary file named with the writer's pid (utils.files.write_atomic) and is renamed into
+place. A writer killed before the rename leaves that file behind; it is removed the next time the folder is used,
+once its pid is no longer alive.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import logging
 import os
-import re
-import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from datasets.image_text import ImageDataset
 from datasets.loaders import collate
 from datasets.transforms import build_transforms
-from utils.env import autocast
+from evaluation.embed import embed_loaders
 from utils.errors import UserError, short_repr
+from utils.files import remove_orphan_temps, write_atomic
 
 logger = logging.getLogger("php")
 
@@ -44,10 +43,9 @@ logger = logging.getLogger("php")
 CACHE_VERSION = 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _EDGE_BYTES = 1 << 20
-# A writer's temporary file: ".gallery-<pid>-<mkstemp's random part>.tmp"; without "<pid>-" (before version 2),
-# nothing says whether its writer still runs, so only its age can tell.
-_TEMP_NAME = re.compile(r"^\.gallery-(?:(\d+)-)?[a-z0-9_]+\.tmp$")
-LEGACY_TEMP_MAX_AGE_S = 3600
+# The cache files, whose temporaries are ".gallery-<slot>-<key>.pt.<pid>-<random>.tmp"; the bare "gallery" covers
+# the temporaries of earlier versions, ".gallery-<pid>-<random>.tmp" and (without a pid) ".gallery-<random>.tmp".
+_CACHE_NAMES = r"gallery(?:-\w+-\w+\.pt)?"
 
 
 @dataclass
@@ -134,17 +132,9 @@ def cache_path(cache_dir: str, checkpoint_path: str, gallery: Gallery, key: str)
 def embed_images(model: torch.nn.Module, paths: Sequence[str], img_size: Sequence[int], precision: str = "fp32",
                  batch_size: int = 256, num_workers: int = 0) -> torch.Tensor:
     """L2-normalised float32 CPU embeddings [N, D] of the images at `paths`, in order (eval transform)."""
-    device = next(model.parameters()).device
     images = ImageDataset([0] * len(paths), list(paths), build_transforms(img_size, is_train=False))
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
-    feats = []
-    model.eval()
-    with torch.inference_mode():
-        for batch in loader:
-            with autocast(device, precision):
-                out = model.encode_image(batch["images"].to(device))
-            feats.append(F.normalize(out.float(), dim=-1).cpu())
-    return torch.cat(feats).clone()
+    return embed_loaders(model, loader, precision=precision, desc="gallery")["image_feats"]
 
 
 def features_sha256(feats: torch.Tensor) -> str:
@@ -191,78 +181,18 @@ def _read(path: str, key: str, gallery: Gallery, embed_dim: int) -> Optional[tor
     return data["feats"]
 
 
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # os.kill(pid, 0) would terminate the process on Windows: keep the file
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, owned by another user
-    except (OSError, OverflowError):
-        return False
-    return True
-
-
-def remove_orphan_temps(folder: str) -> List[str]:
-    """Delete the temporary files that killed cache writers left in `folder`; returns their paths.
-
-    A file whose pid is alive belongs to a concurrent writer and is kept; a file named before pids were part of
-    the name is removed once it is more than LEGACY_TEMP_MAX_AGE_S old.
-    """
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    removed = []
-    for name in sorted(names):
-        match = _TEMP_NAME.match(name)
-        if not match:
-            continue
-        path = os.path.join(folder, name)
-        if match.group(1) is not None:
-            pid = int(match.group(1))
-            if _pid_alive(pid):
-                continue
-            why = f"its writer, process {pid}, is gone"
-        else:
-            try:
-                age = time.time() - os.stat(path).st_mtime
-            except OSError:
-                continue
-            if age < LEGACY_TEMP_MAX_AGE_S:
-                continue
-            why = f"untouched for {age / 3600:.1f} h"
-        try:
-            os.unlink(path)
-        except OSError:
-            continue  # removed meanwhile by another process, or a read-only folder: nothing to report
-        logger.info("removed %s, left by an interrupted gallery cache write (%s)", path, why)
-        removed.append(path)
-    return removed
-
-
 def _write(path: str, key: str, gallery: Gallery, feats: torch.Tensor) -> bool:
     folder = os.path.dirname(path)
     prefix = os.path.basename(path).rsplit("-", 1)[0]
-    tmp = None
-    try:
+    data = {"version": CACHE_VERSION, "key": key, "paths": list(gallery.paths), "source": gallery.source,
+            "feats": feats, "sha256": features_sha256(feats), "shape": list(feats.shape), "dtype": "float32"}
+    with contextlib.suppress(OSError):  # a folder that cannot be made fails the write, which names the reason
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".gallery-{os.getpid()}-", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"version": CACHE_VERSION, "key": key, "paths": list(gallery.paths),
-                        "source": gallery.source, "feats": feats, "sha256": features_sha256(feats),
-                        "shape": list(feats.shape), "dtype": "float32"}, f)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError
+    try:
+        write_atomic(path, lambda f: torch.save(data, f), what="the gallery cache")
+    except UserError as e:
         # A read-only run folder (e.g. a published one) still answers queries, just without a cache.
-        logger.warning("cannot write the gallery cache in %s (%s); pass --cache_dir to cache elsewhere", folder,
-                       getattr(e, "strerror", None) or e)
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
+        logger.warning("%s; pass --cache_dir to cache elsewhere", e)
         return False
     for stale in glob.glob(os.path.join(folder, f"{prefix}-*.pt")):
         if stale != path:
@@ -289,7 +219,8 @@ def gallery_embeddings(model: torch.nn.Module, gallery: Gallery, checkpoint_path
 
     if cache_dir is None:
         return embed(), False, None
-    remove_orphan_temps(cache_dir)
+    for tmp, why in remove_orphan_temps(cache_dir, _CACHE_NAMES):
+        logger.info("removed %s, left by an interrupted gallery cache write (%s)", tmp, why)
     key = cache_key(checkpoint_path, gallery, settings)
     path = cache_path(cache_dir, checkpoint_path, gallery, key)
     if os.path.isfile(path):

@@ -1,0 +1,91 @@
+"""`embed_loaders`: the one function that turns image and caption batches into embeddings.
+
+Training's validation, test.py, the batch-independence audit, the gallery cache of retrieve.py and
+`sh run.sh test` all embed through it, so they agree on eval mode, autocast, expert-usage counts and output
+format, and a change to how a model is run for evaluation is made here once.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils.env import PRECISIONS, autocast
+from utils.errors import UserError
+
+# Per input kind: the batch key holding the model's input, the encoder method, and the name used in messages.
+_KINDS = {"image": ("images", "encode_image", "images"), "text": ("caption_ids", "encode_text", "captions")}
+
+
+def check_precision(precision: str) -> str:
+    """`precision` if it is one the encoders can run in; otherwise a UserError naming it."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters (the CPU for a model without any)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _embed_one(model: torch.nn.Module, loader: Iterable, kind: str, device: torch.device, precision: str,
+               normalize: bool, desc: str) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Per-batch float32 CPU embeddings and pids of one loader."""
+    key, method, what = _KINDS[kind]
+    encode = getattr(model, method)
+    feats, pids = [], []
+    for batch in tqdm(loader, desc=f"{desc} {what}", disable=None, leave=False):
+        if not isinstance(batch, Mapping) or key not in batch or "pids" not in batch:
+            got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise UserError(f"{what} loader: expected dict batches with keys 'pids' and '{key}', got {got}")
+        batch_pids = torch.as_tensor(batch["pids"]).long().reshape(-1).cpu()
+        with autocast(device, precision):
+            out = encode(batch[key].to(device, non_blocking=True))
+        if out.dim() != 2 or out.shape[0] != batch_pids.numel():
+            raise UserError(f"{what} loader: a batch of {batch_pids.numel()} pids gave embeddings of shape "
+                            f"{tuple(out.shape)}; expected [{batch_pids.numel()}, D]")
+        out = out.float()
+        feats.append((F.normalize(out, dim=-1) if normalize else out).cpu())
+        pids.append(batch_pids)
+    if not feats:
+        raise UserError(f"{what} loader: yielded no batches; the split has no {what}")
+    return feats, pids
+
+
+def embed_loaders(model: torch.nn.Module, images: Optional[Iterable] = None, texts: Optional[Iterable] = None, *,
+                  precision: str = "fp32", normalize: bool = True, desc: str = "eval") -> Dict[str, torch.Tensor]:
+    """Float32 CPU embeddings of every batch of `images` and of `texts`, in loader order, with their pids.
+
+    `images` yields `{"pids": [B], "images": [B, 3, H, W]}` and gives `image_feats` [N, D] and `image_pids` [N];
+    `texts` yields `{"pids": [B], "caption_ids": [B, L]}` and gives `text_feats` and `text_pids`; either may be
+    None. Embeddings are L2-normalised unless `normalize=False` (the encoders' raw outputs). The model runs in
+    eval mode under `torch.inference_mode()` on its own device, under autocast for "bf16" / "fp16"; every
+    module's train/eval mode is restored afterwards. `model.reset_expert_usage()`, when the model has it, is
+    called first, so expert-usage counts cover exactly this call. A malformed batch, an encoder output that does
+    not fit its batch, or an empty loader is a UserError naming the loader.
+    """
+    check_precision(precision)
+    device = model_device(model)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        reset = getattr(model, "reset_expert_usage", None)
+        if callable(reset):
+            reset()
+        with torch.inference_mode():
+            parts = {kind: _embed_one(model, loader, kind, device, precision, normalize, desc)
+                     for kind, loader in (("image", images), ("text", texts)) if loader is not None}
+    finally:
+        for module, training in modes:
+            module.training = training
+    # Concatenated outside inference mode: callers get ordinary tensors they may modify in place.
+    out = {}
+    for kind, (feats, pids) in parts.items():
+        out[f"{kind}_feats"], out[f"{kind}_pids"] = torch.cat(feats), torch.cat(pids)
+    return out
