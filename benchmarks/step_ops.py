@@ -7,8 +7,10 @@
 On a GPU at the papers' batch sizes the step is bound by the host thread that launches kernels (see
 benchmarks/README.md), so the number of operations per step matters as much as their FLOPs. This counts the
 aten operations that do work (views, other aliasing operations and allocations excluded: they launch no
-kernel) in one step of `train_step.py` (autocast forward, the losses, backward, optimizer) after one warm-up
-step, and attributes the forward's to the module that ran them. The count depends on the model's structure, not
+kernel) in one `Trainer.train_step` (autocast forward, the losses and the step's logged values, backward, optimizer)
+after one warm-up step, and attributes the forward's to the module that ran them. The backward starts at
+`Tensor.backward`, the optimizer part at the optimizer's step (with fp16, the GradScaler's inf check before it
+counts in the backward). The count depends on the model's structure, not
 its width or the batch size, so a small batch on the CPU gives the figure of a large one on a GPU, except that
 the CPU's bf16 attention in the towers (model/attention.py) takes a few operations per block where CUDA makes
 one SDPA call.
@@ -21,6 +23,7 @@ import json
 import os
 import sys
 from typing import Dict, List, Optional
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,11 +31,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from train_step import ROOT, synthetic_batch, train_step  # noqa: E402
+from train_step import ROOT, synthetic_batch  # noqa: E402
 
 from model import build_model  # noqa: E402
 from model.backbone import ARCHITECTURES  # noqa: E402
-from solver import build_optimizer  # noqa: E402
+from processor.trainer import Trainer  # noqa: E402
 from utils.config import build_config, parse_overrides  # noqa: E402
 
 # Aliasing or bookkeeping operations that func.is_view does not mark; allocations launch no kernel either.
@@ -85,15 +88,21 @@ def count_step(args: argparse.Namespace) -> Dict[str, Dict[str, int]]:
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=max(2, args.batch_size // 2)).to(device).train()
     batch = synthetic_batch(args.batch_size, cfg.img_size, cfg.text_length, device)
-    optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    train_step(model, optimizer, scaler, batch, device, args.precision)  # creates the optimizer's state
+    trainer = Trainer(cfg, model, device=device)
+    trainer.train_step(batch)  # creates the optimizer's state
 
     counter = OpCounter()
     handles = attribute_forward(model, counter)
-    with counter:
+    handles.append(trainer.optimizer.register_step_pre_hook(lambda *_: counter.set_phase("optimizer")))
+    backward = torch.Tensor.backward
+
+    def counted_backward(tensor, *a, **kw):
+        counter.set_phase("backward")
+        return backward(tensor, *a, **kw)
+
+    with counter, mock.patch.object(torch.Tensor, "backward", counted_backward):
         counter.phase = "forward: other (embeddings, pooling, losses)"
-        train_step(model, optimizer, scaler, batch, device, args.precision, phase=counter.set_phase)
+        trainer.train_step(batch)
     for h in handles:
         h.remove()
     return {phase: dict(c) for phase, c in counter.counts.items()}

@@ -3,10 +3,12 @@
     python benchmarks/train_step.py --device cpu --batch_size 8 --steps 3 --modes fp32,bf16 --json out.json
     python benchmarks/train_step.py --device cuda --batch_size 64 --modes fp32,bf16,fp16,compile,half
 
-A step is what `processor/trainer.py` does for one batch: autocast forward, the sum of every `*_loss` (PHP:
-sdm + itc + aux), backward through a GradScaler (active for fp16), and the optimizer step (the preset's Adam,
-fused). Inputs are synthetic (random images, captions of random length, pids with repeats so that SDM has
-positives); the model has random weights (`--arch ViT-B-16`, the paper's backbone shape).
+A step is the trainer's own, `Trainer.train_step` (processor/trainer.py): autocast forward, the sum of every
+`*_loss` (PHP: sdm + itc + aux), backward through a GradScaler (active for fp16), gradient clipping when the preset
+sets `max_grad_norm`, and the optimizer step (the preset's Adam, fused). It does not wait for the device, so each
+timed window ends with a synchronisation. Inputs are synthetic (random images, captions of random length, pids
+with repeats so that SDM has positives); the model has random weights (`--arch ViT-B-16`, the paper's backbone
+shape).
 
 Modes: `fp32` (no autocast), `bf16` and `fp16` (autocast, fp32 master weights: this project's way), `compile`
 (`torch.compile` under the fastest of those three measured in this run, else bf16; `--compile_scope blocks`,
@@ -35,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -44,9 +46,8 @@ sys.path.insert(0, ROOT)
 
 from model import build_model  # noqa: E402
 from model.backbone import ARCHITECTURES, build_clip, compile_blocks  # noqa: E402
-from solver import build_optimizer  # noqa: E402
+from processor.trainer import Trainer  # noqa: E402
 from utils.config import build_config  # noqa: E402
-from utils.env import autocast  # noqa: E402
 
 MODES = ("fp32", "bf16", "fp16", "compile", "half")
 PRECISION_MODES = ("fp32", "bf16", "fp16")
@@ -96,24 +97,6 @@ def count_flops(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> float
     return counter.get_total_flops() / batch["images"].shape[0]
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               batch: Dict[str, torch.Tensor], device: torch.device, precision: str,
-               phase: Callable[[str], None] = lambda name: None) -> None:
-    """One step exactly as `Trainer.train_epoch` runs it (minus logging), including its per-step host sync.
-
-    `phase` is told when the backward and the optimizer step begin (benchmarks/step_ops.py counts by phase)."""
-    with autocast(device, precision):
-        out = model(batch)
-    loss = sum(v for k, v in out.items() if k.endswith("_loss"))
-    torch.stack([v.detach().float() for v in out.values()]).cpu()
-    optimizer.zero_grad(set_to_none=True)
-    phase("backward")
-    scaler.scale(loss).backward()
-    phase("optimizer")
-    scaler.step(optimizer)
-    scaler.update()
-
-
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -156,25 +139,23 @@ def run_mode(args: argparse.Namespace) -> dict:
         record["flops_per_sample"] = count_flops(model, batch)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-    optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step_model = model
+    trainer = Trainer(cfg, model, device=device)
     if mode == "compile":
         record["compile_scope"] = args.compile_scope
         if args.compile_scope == "model":
-            step_model = torch.compile(model)
+            trainer.model = torch.compile(model)
         else:
             compile_blocks(model.backbone)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
-        train_step(step_model, optimizer, scaler, batch, device, precision)
+        trainer.train_step(batch)
     synchronize(device)
     record["warmup_s"] = round(time.perf_counter() - t0, 2)
     rates, cpu_rates = [], []
     for _ in range(args.repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
-            train_step(step_model, optimizer, scaler, batch, device, precision)
+            trainer.train_step(batch)
         synchronize(device)
         rates.append(args.batch_size * args.steps / (time.perf_counter() - t0))
         cpu_rates.append(args.batch_size * args.steps / (time.process_time() - c0))

@@ -5,6 +5,14 @@ Reproducibility: the sampler order and every augmentation / masking draw are fun
 A run resumed from `last.pth` therefore continues bit for bit as if it had never stopped (on the same device
 and number of processes).
 
+Host synchronisation: a training step (`Trainer.train_step`) never waits for the device. It leaves its logged values
+(every output of the model) on the device; those of all steps since the last log point are read back together
+every `log_period` steps and at the end of an epoch, where their total `loss` and the epoch's means are added up,
+they are logged, shown and written to TensorBoard (one point per step), and the rule on non-finite losses is
+applied. A step whose loss is not finite must therefore be skipped without the host knowing: fused optimizers
+(`_step_supports_amp_scaling`: fused Adam/AdamW, fused SGD) take a `found_inf` tensor and then leave weights,
+moments and step count untouched; with other optimizers the host still checks the loss every step.
+
 Checkpoints keep the reference layout (`ckpt["model"]` is the state dict) plus what resuming needs.
 """
 from __future__ import annotations
@@ -15,7 +23,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -39,15 +47,23 @@ class NonFiniteLossError(UserError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model: torch.nn.Module, train_loader, evaluator, run_dir: str,
-                 device: torch.device, rank: int = 0, world_size: int = 1):
+    """Trains `model` as `cfg` says. `fit` needs the training loader, the evaluator and the run folder; `train_step`
+    alone (the benchmarks) needs none of them."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, train_loader=None, evaluator=None,
+                 run_dir: Optional[str] = None, device: Optional[torch.device] = None, rank: int = 0,
+                 world_size: int = 1):
+        device = device if device is not None else next(model.parameters()).device
         self.cfg, self.train_loader, self.evaluator = cfg, train_loader, evaluator
         self.run_dir, self.device, self.rank, self.world_size = run_dir, device, rank, world_size
         self.module = model
+        # What runs the forward: the module itself, its DDP wrapper, or (benchmarks) a compiled module.
         self.model = dist_utils.wrap_model(model, device) if world_size > 1 else model
         self.optimizer = build_optimizer(cfg, model)
+        self.skips_on_device = getattr(self.optimizer, "_step_supports_amp_scaling", False)
         self.scheduler = build_lr_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.log_names: Tuple[str, ...] = ()
         self.start_epoch = 1
         self.best_r1, self.best_epoch = -1.0, 0
         self.nonfinite_steps = 0
@@ -142,66 +158,100 @@ class Trainer:
         # Offset by rank so that processes draw different dropout masks (rank 0 matches a single-process run).
         torch.manual_seed(epoch_seed(cfg.seed, epoch) + self.rank)
         set_loader_epoch(self.train_loader, epoch)
-        sums: Dict[str, float] = defaultdict(float)
-        steps = 0
+        means = RunningMeans()
         num_iters = len(self.train_loader)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{cfg.num_epoch}", disable=self.rank != 0 or None,
                    dynamic_ncols=True, mininterval=1.0, leave=False)
+        rows: List[torch.Tensor] = []
         for it, batch in enumerate(bar, start=1):
-            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with autocast(self.device, cfg.precision):
-                out = self.model(batch)
-            loss = sum(v for k, v in out.items() if k.endswith("_loss"))
-            stacked = torch.stack([v.detach().float() for v in out.values()])
-            if self.world_size > 1:
-                # Logged values are global-batch values: the gathered losses are so already, per-sample ones
-                # (id, accuracies) become so by averaging over processes (equal shares).
-                stacked = dist_utils.mean_over_processes(stacked)
-            values = {k: float(v) for k, v in zip(out, stacked.cpu().tolist())}
-            if not self._finite(values, loss, epoch, it):
-                continue
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.max_grad_norm > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            values["loss"] = sum(v for k, v in values.items() if k.endswith("_loss"))
-            for k, v in values.items():
-                sums[k] += v
-            steps += 1
-            lr = self.optimizer.param_groups[0]["lr"]
-            if self.rank == 0:
-                bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in values.items()
-                                 if k.endswith("loss")} | {"lr": f"{lr:.2e}"}, refresh=False)
-                if it % cfg.log_period == 0 or it == num_iters:
-                    shown = " ".join(f"{k} {sums[k] / steps:.4f}" for k in sorted(sums))
-                    logger.info("epoch %d iter %d/%d %s lr %.3e", epoch, it, num_iters, shown, lr)
-                if self.writer is not None:
-                    step = (epoch - 1) * num_iters + it
-                    for k, v in values.items():
-                        self.writer.scalar(f"train/{k}", v, step)
-                    self.writer.scalar("train/lr", lr, step)
+            rows.append(self.train_step(batch))
+            if it % cfg.log_period == 0:
+                self._read_back(rows, epoch, it, num_iters, means, bar)
+                rows = []
+        if rows:
+            self._read_back(rows, epoch, it, num_iters, means, bar)
         bar.close()
-        return {k: v / max(steps, 1) for k, v in sums.items()}
+        return means.means()
 
-    def _finite(self, values: Dict[str, float], loss: torch.Tensor, epoch: int, it: int) -> bool:
-        # `values` are means over processes: a non-finite loss on any process is non-finite on all of them,
-        # so every process skips (or stops) together.
-        bad = [k for k, v in values.items() if k.endswith("_loss") and not math.isfinite(v)]
-        if not bad:
-            return True
+    def train_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimisation step on `batch` that does not wait for the device (see the module docstring).
+
+        Returns the step's logged values on the device: the model's outputs named by `self.log_names` (its `*_loss`
+        terms first), float32, averaged over processes. When the sum of the terms is not finite, no weight and no
+        optimizer state changes."""
+        cfg = self.cfg
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast(self.device, cfg.precision):
+            out = self.model(batch)
+        terms = [k for k in out if k.endswith("_loss")]
+        self.log_names = (*terms, *(k for k in out if k not in terms))
+        values = torch.stack([out[k].detach().float() for k in self.log_names])
+        if self.world_size > 1:
+            # Logged values are global-batch values: the gathered losses are so already, per-sample ones
+            # (id, accuracies) become so by averaging over processes (equal shares). A loss that is not finite on
+            # one process makes the mean non-finite on all of them, so they skip the step together.
+            values = dist_utils.mean_over_processes(values)
+        total = values[:len(terms)].sum(dtype=torch.float64)
+        self.optimizer.zero_grad(set_to_none=True)
+        found_inf = None
+        if self.skips_on_device and not self.scaler.is_enabled():
+            # What GradScaler hands a fused optimizer: 1 skips the step. x - x is NaN exactly when x is not finite:
+            # 3 operations where isfinite and where take 7, and on a GPU the step is bound by launching them. With
+            # fp16 the scaler hands its own, from the gradients, which a non-finite loss makes non-finite.
+            found_inf = (total - total).isnan().float()
+        elif not self.skips_on_device and not torch.isfinite(total):
+            return values
+        self.scaler.scale(sum(out[k] for k in terms)).backward()
+        if cfg.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
+        if found_inf is None:
+            self.scaler.step(self.optimizer)
+        else:
+            self.optimizer.found_inf = found_inf
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        self.scaler.update()
+        return values
+
+    def _read_back(self, rows: List[torch.Tensor], epoch: int, last_it: int, num_iters: int,
+                   means: RunningMeans, bar) -> None:
+        """The log point after iteration `last_it`: the logged values of the steps since the previous one (`rows`)
+        come back in one transfer; then the non-finite rule, the means, the log line, the postfix, TensorBoard."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        shown = None
+        for it, row in enumerate(torch.stack(rows).tolist(), start=last_it - len(rows) + 1):
+            values = dict(zip(self.log_names, row))
+            values["loss"] = sum(v for k, v in values.items() if k.endswith("_loss"))
+            if not math.isfinite(values["loss"]):
+                self._skipped(values, epoch, it)
+                continue
+            means.add(values)
+            shown = values
+            if self.writer is not None:
+                step = (epoch - 1) * num_iters + it
+                for k, v in values.items():
+                    self.writer.scalar(f"train/{k}", v, step)
+                self.writer.scalar("train/lr", lr, step)
+        if self.rank != 0:
+            return
+        if shown is not None:
+            bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in shown.items() if k.endswith("loss")}
+                            | {"lr": f"{lr:.2e}"}, refresh=False)
+        logger.info("epoch %d iter %d/%d %s lr %.3e", epoch, last_it, num_iters, means.line(), lr)
+
+    def _skipped(self, values: Dict[str, float], epoch: int, it: int) -> None:
+        """Step `it` of `epoch` was skipped for its non-finite `values`: tolerated with a warning, or the end."""
         self.nonfinite_steps += 1
-        terms = ", ".join(f"{k}={values[k]}" for k in bad)
+        terms = ", ".join(f"{k}={v}" for k, v in values.items() if k.endswith("_loss") and not math.isfinite(v))
         if self.nonfinite_steps > self.cfg.skip_nonfinite_steps:
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch}, iteration {it}: {terms}; the last good checkpoints in "
                 f"{self.run_dir} are kept (skip_nonfinite_steps lets a run tolerate a few such steps)")
         logger.warning("skipped step at epoch %d, iteration %d: non-finite %s (%d of %d tolerated)", epoch, it,
                        terms, self.nonfinite_steps, self.cfg.skip_nonfinite_steps)
-        self.optimizer.zero_grad(set_to_none=True)
-        return False
 
     def evaluate(self, epoch: int) -> Optional[dict]:
         if self.rank != 0:
@@ -212,6 +262,26 @@ class Trainer:
             for k in ("R1", "R5", "R10", "mAP", "mINP"):
                 self.writer.scalar(f"val/{k}", results["t2i"][k], epoch)
         return results
+
+
+class RunningMeans:
+    """Means of the logged values over an epoch's completed steps. Added on the host, one step after the other, as
+    Python floats: the means do not depend on how often the values are read back."""
+
+    def __init__(self):
+        self.sums: Dict[str, float] = defaultdict(float)
+        self.steps = 0
+
+    def add(self, values: Dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] += v
+        self.steps += 1
+
+    def means(self) -> Dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+    def line(self) -> str:
+        return " ".join(f"{k} {v:.4f}" for k, v in sorted(self.means().items()))
 
 
 def check_state_fits(module: torch.nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
