@@ -5,24 +5,24 @@ Also under torchrun: `torchrun --nproc_per_node=N train.py --config_file ...`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from typing import Optional, Tuple
 
 import torch
 
-from datasets import build_dataset
+from datasets import dataset_from_config
 from datasets.loaders import build_eval_loaders, build_train_loader
 from model import build_model
 from model.backbone import compile_blocks
+from evaluation.evaluator import Evaluator
 from processor.trainer import Trainer
 from utils import distributed as dist_utils
 from utils.checkpoint import read_checkpoint, remove_partial_checkpoints
 from utils.cli import check_output_dir, run_main, split_argv
-from utils.config import Config, apply, build_config, resume_differences, save_config
+from utils.config import build_config, config_from_values, save_config
+from utils.schema import resume_differences
 from utils.env import resolve_device, seed_everything
 from utils.errors import UserError
-from utils.evaluator import Evaluator
 from utils.logger import attach_log_file, setup_logger
 from utils.runlock import RunLock
 
@@ -31,7 +31,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                epilog="Any config option can follow as --key value (see utils/config.py).")
+                                epilog="Any config option below can follow as --key value.")
     p.add_argument("--config_file", default=DEFAULT_CONFIG, help="YAML config (default: configs/demo.yaml)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     return p
@@ -98,7 +98,7 @@ def checkpoint_to_resume(cfg, logger, config_file: str = "") -> Tuple[Optional[s
     if os.path.isfile(folder_config):
         records.append((folder_config, build_config(folder_config, check=False)))
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
-        records.append((path, apply(Config(), ckpt["config"], path)))
+        records.append((path, config_from_values(ckpt["config"], path, check=False)))
     for source, saved in records:
         differences = resume_differences(cfg, saved)
         if differences:
@@ -116,7 +116,6 @@ def run_training(cfg, rank: int, world_size: int, local_rank: int, config_file: 
     Every check runs first (options, data, model, the checkpoint to resume); the run folder is written only
     after all have passed, under its lock, so a command that fails leaves an existing run as it was.
     """
-    cfg.world_size, cfg.distributed, cfg.local_rank = world_size, world_size > 1, local_rank
     device = resolve_device(cfg.device, local_rank)
     run_dir = cfg.run_dir
     logger = setup_logger(rank=rank, hold=True)
@@ -131,8 +130,7 @@ def run_training(cfg, rank: int, world_size: int, local_rank: int, config_file: 
 
     seed_everything(cfg.seed)
     with dist_utils.main_process_first():  # a Demo-PEDES set is generated once, not by every process at once
-        dataset = build_dataset(cfg.dataset_name, cfg.root_dir, val_holdout_ids=cfg.val_holdout_ids,
-                                skip_missing_images=cfg.skip_missing_images, demo_seed=cfg.demo_seed)
+        dataset = dataset_from_config(cfg)
     if rank == 0:
         logger.info("%s:\n%s", cfg.dataset_name, dataset.summary())
     split = dataset.val if cfg.val_dataset == "val" else dataset.test
@@ -170,7 +168,7 @@ def run_training(cfg, rank: int, world_size: int, local_rank: int, config_file: 
                 logger.warning("removed %d partial checkpoint file(s) left by an interrupted run: %s", len(partial),
                                ", ".join(partial))
             # The saved config starts a run, so it does not carry this invocation's resume request.
-            save_config(dataclasses.replace(cfg, resume=False, resume_ckpt_file="", overwrite=False),
+            save_config(cfg.copy(resume=False, resume_ckpt_file="", overwrite=False),
                         os.path.join(run_dir, "configs.yaml"))
             attach_log_file(logger, os.path.join(run_dir, "train_log.txt"))
         result = trainer.fit()

@@ -1,5 +1,7 @@
-"""Data sets (CUHK-PEDES, ICFG-PEDES, RSTPReid, Demo-PEDES), their torch Datasets, samplers and loaders."""
-from datasets.base import PedesDataset
-from datasets.registry import DATASETS, build_dataset, dataset_from_config
+"""Data sets (CUHK-PEDES, ICFG-PEDES, RSTPReid, Demo-PEDES, custom, plug-ins'), their torch Datasets, samplers and
+loaders. Importing the package registers the built-in data sets."""
+from datasets import cuhkpedes, custom, demo, icfgpedes, rstpreid  # noqa: F401 - they register themselves
+from datasets.base import Annotations, PedesDataset
+from datasets.registry import DATASETS, build_dataset, dataset_from_config, register_dataset
 
-__all__ = ["DATASETS", "PedesDataset", "build_dataset", "dataset_from_config"]
+__all__ = ["Annotations", "DATASETS", "PedesDataset", "build_dataset", "dataset_from_config", "register_dataset"]

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 from prettytable import PrettyTable
 
 from utils.errors import UserError, short_repr
+from utils.files import reading
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,22 @@ class AnnotationFormat:
         base = os.path.join(root_dir, self.folder)
         names = " (or ".join(self.annotation_files) + ")" * (len(self.annotation_files) - 1)
         return f"expected {os.path.join(base, 'imgs')}{os.sep} and {os.path.join(base, names)}"
+
+
+@dataclass
+class Annotations:
+    """A data set as its source describes it, before any check: what a data set's builder returns.
+
+    `entries` are mappings in the CUHK-PEDES form: {"id": int, <path_key>: image path relative to `image_dir` (or
+    absolute), "captions": [str, ...], "split": one of `splits`}. `source` names them in messages (the file read).
+    """
+
+    entries: list
+    image_dir: str
+    source: str
+    dataset_dir: str = ""
+    path_key: str = "file_path"
+    splits: Tuple[str, ...] = SPLITS
 
 
 @dataclass(frozen=True)
@@ -111,18 +128,12 @@ def locate(fmt: AnnotationFormat, root_dir: str) -> Tuple[str, str]:
 def read_json_list(path: str) -> list:
     """Parse a JSON file that must hold a list; errors name the file (and line/column for syntax errors)."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with reading(path, "JSON"), open(path, "r", encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
-    except RecursionError:
-        raise UserError(f"{path}: JSON nested too deeply to parse; expected a list of flat entries") from None
     except ValueError as e:  # valid syntax the parser still refuses, e.g. an integer of over 4300 digits
         raise UserError(f"{path}: not usable JSON: {e}") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot be read: {e.strerror}") from None
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of entries (one per image), got a {_json_type(data)}")
     return data
@@ -133,7 +144,7 @@ def _json_type(value) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def parse_entries(data: list, path: str, fmt: AnnotationFormat) -> List[Entry]:
+def parse_entries(data: list, path: str, fmt) -> List[Entry]:
     """Check every entry's keys and types; return them as `Entry` objects in file order."""
     needed = ("id", fmt.path_key, "captions", "split")
     path_key, splits = fmt.path_key, fmt.splits
@@ -159,7 +170,7 @@ def _raise_shape_error(item, where: str, needed: Tuple[str, ...]) -> None:
     raise UserError(f"{where} lacks the key '{missing}' (needed: {', '.join(needed)})")
 
 
-def _raise_value_error(pid, rel, captions, split, where: str, fmt: AnnotationFormat) -> None:
+def _raise_value_error(pid, rel, captions, split, where: str, fmt) -> None:
     if not isinstance(pid, int) or isinstance(pid, bool):
         raise UserError(f"{where}: 'id' must be an integer, got {_json_type(pid)} {short_repr(pid)}")
     if not PID_MIN <= pid <= PID_MAX:
@@ -234,9 +245,10 @@ def drop_missing_images(entries: List[Entry], img_dir: str, ann_path: str, skip:
 
 
 def build_splits(name: str, dataset_dir: str, entries: Sequence[Entry], val_holdout_ids: int = 0,
-                 source: Optional[str] = None) -> PedesDataset:
-    """Group entries by split, remap training ids, optionally hold out the last training identities as val."""
-    img_dir = os.path.join(dataset_dir, "imgs")
+                 source: Optional[str] = None, img_dir: Optional[str] = None) -> PedesDataset:
+    """Group entries by split, remap training ids, optionally hold out the last training identities as val.
+    Image paths are relative to `img_dir` (default `<dataset_dir>/imgs`)."""
+    img_dir = img_dir if img_dir is not None else os.path.join(dataset_dir, "imgs")
     by_split: Dict[str, List[Entry]] = {s: [] for s in SPLITS}
     for e in entries:
         by_split[e.split].append(e)
@@ -278,11 +290,22 @@ def _hold_out(train: List[Entry], val: List[Entry], n: int, source: str) -> Tupl
     return [e for e in train if e.pid not in held], [e for e in train if e.pid in held]
 
 
-def load_pedes(fmt: AnnotationFormat, root_dir: str, *, val_holdout_ids: int = 0, skip_missing_images: bool = False,
-               check_images: bool = True) -> PedesDataset:
-    """Locate, parse and check one data set in `fmt`'s layout under `root_dir`."""
+def read_annotation_file(fmt: AnnotationFormat, root_dir: str) -> Annotations:
+    """The annotations of a data set in `fmt`'s layout under `root_dir` (its folder layout checked)."""
     dataset_dir, ann_path = locate(fmt, root_dir)
-    entries = parse_entries(read_json_list(ann_path), ann_path, fmt)
+    return Annotations(read_json_list(ann_path), os.path.join(dataset_dir, "imgs"), ann_path, dataset_dir,
+                       fmt.path_key, fmt.splits)
+
+
+def dataset_from_annotations(name: str, annotations: Annotations, *, val_holdout_ids: int = 0,
+                             skip_missing_images: bool = False, check_images: bool = True) -> PedesDataset:
+    """Check every entry (keys, types, ids, captions, splits) and, unless `check_images` is off, that every image
+    is on disk; then build the splits. Each problem is one UserError line naming the source and entry."""
+    if not isinstance(annotations.entries, list):
+        raise UserError(f"{annotations.source}: expected a list of entries (one per image), got "
+                        f"{_json_type(annotations.entries)}")
+    entries = parse_entries(annotations.entries, annotations.source, annotations)
     if check_images:
-        entries = drop_missing_images(entries, os.path.join(dataset_dir, "imgs"), ann_path, skip_missing_images)
-    return build_splits(fmt.name, dataset_dir, entries, val_holdout_ids, source=ann_path)
+        entries = drop_missing_images(entries, annotations.image_dir, annotations.source, skip_missing_images)
+    return build_splits(name, annotations.dataset_dir or annotations.image_dir, entries, val_holdout_ids,
+                        source=annotations.source, img_dir=annotations.image_dir)

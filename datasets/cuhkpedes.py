@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from datasets.base import AnnotationFormat
+from datasets.registry import register_format
 
 FORMAT = AnnotationFormat(name="CUHK-PEDES", folder="CUHK-PEDES", annotation_files=("reid_raw.json",),
                           path_key="file_path")
 
+
+register_format(FORMAT)

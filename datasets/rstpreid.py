@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from datasets.base import AnnotationFormat
+from datasets.registry import register_format
 
 FORMAT = AnnotationFormat(name="RSTPReid", folder="RSTPReid", annotation_files=("data_captions.json",),
                           path_key="img_path")
 
+
+register_format(FORMAT)

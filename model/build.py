@@ -1,37 +1,49 @@
-"""`build_model(cfg)`: assemble the backbone and the heads a configuration asks for."""
+"""`build_model(cfg)`: check the names a configuration uses, then assemble the backbone, its heads and losses."""
 from __future__ import annotations
 
-from typing import Optional
+import difflib
+from typing import Optional, Sequence
 
 from open_clip.model import CLIP
 
+# The built-in heads and losses register themselves when imported; PHP first, so that the model's parameters
+# (and with them a saved optimizer state) keep their order: backbone, php, classifier, mlm.
+from model import php_head, irra_head, losses  # noqa: F401
 from model.backbone import build_backbone
-from model.irra_head import MLMHead, build_classifier
-from model.php_head import PHPHead
-from model.retrieval_model import RetrievalModel
-from utils.config import Config, resolved_loss_weight
-from utils.errors import UserError
+from model.registry import HEADS, LOSSES, HeadContext, loss_weight
+from model.retrieval_model import ActiveLoss, RetrievalModel
+from utils.errors import UserError, short_repr
 
 
-def build_php_head(cfg: Config, dim: int) -> Optional[PHPHead]:
-    if cfg.php_modules == "none":
-        return None
-    if "efp" in cfg.php_modules and dim % cfg.moe_heads:
-        raise UserError(f"moe_heads ({cfg.moe_heads}) must divide the embedding width {dim}")
-    if dim % cfg.reduction:
-        raise UserError(f"reduction ({cfg.reduction}) must divide the embedding width {dim}")
-    return PHPHead(dim, cfg.php_modules, cnum=cfg.cnum, moe_layers=cfg.moe_layers, moe_heads=cfg.moe_heads,
-                   num_experts=cfg.num_experts, topk=cfg.topk, reduction=cfg.reduction,
-                   efp_attention=cfg.efp_attention, gate_context=cfg.gate_context,
-                   mask_padding=cfg.crfm_mask_padding)
+def _unknown(kind: str, name: str, registered) -> UserError:
+    close = difflib.get_close_matches(name, list(registered), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return UserError(f"config: unknown {kind} {short_repr(name)}{hint} (registered: {', '.join(registered)}; a "
+                     f"plug-in's own must be listed in custom_imports)")
 
 
-def build_model(cfg: Config, num_classes: int = 0, backbone: Optional[CLIP] = None) -> RetrievalModel:
+def check_model_config(cfg) -> None:
+    """Every loss and head the config names is registered and can work with the config; else one line."""
+    for name in cfg.losses:
+        if name not in LOSSES:
+            raise _unknown("loss", name, LOSSES)
+        reason = LOSSES[name].check(cfg) if LOSSES[name].check else None
+        if reason:
+            raise UserError(f"config: {reason}")
+    for name in cfg.heads:
+        if name not in HEADS:
+            raise _unknown("head", name, HEADS)
+
+
+def build_model(cfg, num_classes: int = 0, backbone: Optional[CLIP] = None,
+                with_heads: Sequence[str] = ()) -> RetrievalModel:
     """The model of `cfg`; `num_classes` (training identities) is needed for the ID loss.
 
     `backbone` replaces the one `cfg.pretrain_choice` names (used when loading a checkpoint, whose backbone
-    shape comes from the checkpoint itself).
+    shape comes from the checkpoint itself); `with_heads` adds heads beyond those the config asks for (a
+    published run carries IRRA heads its losses do not use).
     """
+    check_model_config(cfg)
     if backbone is None:
         backbone = build_backbone(cfg.pretrain_choice, cfg.img_size, cfg.text_length, cfg.pretrained_dir)
     patch = backbone.visual.patch_size
@@ -39,14 +51,10 @@ def build_model(cfg: Config, num_classes: int = 0, backbone: Optional[CLIP] = No
     if cfg.stride_size != patch:
         raise UserError(f"stride_size ({cfg.stride_size}) must equal the backbone's patch size ({patch}); "
                         f"overlapping patches are not supported")
-    dim = backbone.text_projection.shape[1]
-    losses = cfg.losses
-    classifier = None
-    if "id" in losses:
-        if num_classes <= 0:
-            raise UserError("loss 'id' needs the number of training identities (num_classes > 0)")
-        classifier = build_classifier(dim, num_classes)
-    mlm = MLMHead(dim, cfg.cmt_depth, backbone.vocab_size) if "mlm" in losses else None
-    weights = {name: resolved_loss_weight(cfg, name) for name in losses}
-    return RetrievalModel(backbone, weights, cfg.temperature, php=build_php_head(cfg, dim),
-                          classifier=classifier, mlm=mlm)
+    context = HeadContext(dim=backbone.text_projection.shape[1], num_classes=num_classes,
+                          vocab_size=backbone.vocab_size)
+    needed = {head for name in cfg.losses for head in LOSSES[name].needs} | set(with_heads)
+    heads = {name: spec.build(cfg, context) for name, spec in HEADS.items() if spec.enabled(cfg) or name in needed}
+    active = {name: ActiveLoss(spec, loss_weight(spec, cfg), cfg) for name, spec in LOSSES.items()
+              if name in cfg.losses}
+    return RetrievalModel(backbone, heads, active, cfg.temperature)

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from utils.config import drop_retired
 from utils.errors import UserError
 
 PROJECT, PHP_V1, IRRA = "project", "php_v1", "irra"
@@ -80,9 +81,30 @@ def strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.
     return state_dict
 
 
-def translate_published_config(raw: Dict[str, Any], layout: str) -> Dict[str, Any]:
-    """Config values of a published run, in this project's meaning (SPEC 8, 11)."""
-    values = dict(raw)
+COMPAT_MODES = ("auto", "none", "php_v1")
+# The one mapping between how a run is loaded (compat) and how its EFP attends (efp_attention, SPEC 8).
+COMPAT_ATTENTION = {"none": "tokens", "php_v1": "batch"}
+
+
+def efp_attention_for(compat: str, layout: str, configured: str) -> str:
+    """The EFP attention a loaded run uses: compat's, or with 'auto' the reference's cross-batch attention for a
+    published PHP checkpoint and the run's own setting otherwise."""
+    if compat == "auto":
+        return COMPAT_ATTENTION[PHP_V1] if layout == PHP_V1 else configured
+    return COMPAT_ATTENTION[compat]
+
+
+def compat_of(batch_dependent: bool) -> str:
+    return PHP_V1 if batch_dependent else "none"
+
+
+def translate_published_config(raw: Dict[str, Any], layout: str, source: str) -> Dict[str, Any]:
+    """Config values of a published run, in this project's meaning (SPEC 8, 11). The reference's options that
+    mean nothing here are dropped, and the log lists them (utils.config.drop_retired)."""
+    values, _ = drop_retired(dict(raw), f"{source} (published {layout} run)")
+    # A published run's output_dir is its own folder and resume flags are those of its training: not ours.
+    for key in ("output_dir", "resume", "resume_ckpt_file"):
+        values.pop(key, None)
     if layout == PHP_V1:
         # How the reference trained: unmasked CRFM over text padding, one shared gate context, MLM x0.5.
         values.setdefault("crfm_mask_padding", False)

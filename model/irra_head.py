@@ -7,20 +7,51 @@ Linear(D, D) -> QuickGELU -> LayerNorm -> Linear(D, vocab). Heads: D // 64.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any, Dict
 
 import torch
 from open_clip.transformer import QuickGELU, Transformer
 from torch import nn
 
-
-def build_classifier(dim: int, num_classes: int) -> nn.Linear:
-    classifier = nn.Linear(dim, num_classes)
-    nn.init.normal_(classifier.weight, std=0.001)
-    nn.init.zeros_(classifier.bias)
-    return classifier
+from model.backbone import text_tokens as backbone_text_tokens
+from model.head import Head
+from model.registry import HeadContext, register_head
+from utils.errors import UserError
 
 
-class MLMHead(nn.Module):
+class IDClassifier(nn.Linear, Head):
+    """The identity classifier over both modalities' embeddings (a plain Linear: its weights keep their names)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__(dim, num_classes)
+        nn.init.normal_(self.weight, std=0.001)
+        nn.init.zeros_(self.bias)
+
+    def outputs(self, out: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+        return {"image_logits": self(out["image_feats"]), "text_logits": self(out["text_feats"])}
+
+
+# The references train the randomly initialised IRRA modules at lr * lr_factor (SPEC 10): the classifier and the
+# MLM prediction head whole ("head_factor": biases included), the cross-modal modules except their biases.
+@register_head("classifier", enabled=lambda cfg: False, lr_factor=1.0, lr_kind=lambda param: "head_factor")
+def build_classifier(cfg, ctx: HeadContext) -> IDClassifier:
+    if ctx.num_classes <= 0:
+        raise UserError("loss 'id' needs the number of training identities (num_classes > 0)")
+    return IDClassifier(ctx.dim, ctx.num_classes)
+
+
+def _mlm_lr_kind(param: str) -> str:
+    if param.startswith("mlm_head."):
+        return "head_factor"
+    return "factor" if "cross" in param else "base"
+
+
+@register_head("mlm", enabled=lambda cfg: False, lr_factor=1.0, lr_kind=_mlm_lr_kind)
+def build_mlm_head(cfg, ctx: HeadContext) -> "MLMHead":
+    return MLMHead(ctx.dim, cfg.cmt_depth, ctx.vocab_size)
+
+
+class MLMHead(Head):
     def __init__(self, dim: int, depth: int = 4, vocab_size: int = 49408):
         super().__init__()
         heads = max(1, dim // 64)
@@ -69,3 +100,9 @@ class MLMHead(nn.Module):
         feats = self.reason(text_tokens, image_tokens)
         where = labels > 0
         return self.mlm_head(feats[where]), labels[where]
+
+    def outputs(self, out: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+        batch = out["batch"]
+        logits, labels = self(backbone_text_tokens(model.backbone, batch["mlm_ids"]), out["image_tokens"],
+                              batch["mlm_labels"])
+        return {"mlm_logits": logits, "mlm_labels": labels}

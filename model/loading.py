@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
 
 from model.backbone import build_clip, shape_from_state_dict
 from model.build import build_model
-from model.checkpoint_compat import (PHP_V1, PROJECT, detect_layout, head_sizes, map_published_state_dict,
-                                     strip_module_prefix, translate_published_config)
-from model.irra_head import MLMHead, build_classifier
+from model.checkpoint_compat import (COMPAT_MODES, PROJECT, compat_of, detect_layout, efp_attention_for, head_sizes,
+                                     map_published_state_dict, strip_module_prefix, translate_published_config)
+from model.registry import HEADS
 from model.retrieval_model import RetrievalModel
 from utils.checkpoint import read_checkpoint
-from utils.config import Config, apply, read_yaml, validate
+from utils.config import Config, config_from_values, read_yaml
 from utils.errors import UserError
 
-COMPAT_MODES = ("auto", "none", "php_v1")
 COMPAT_WARNING = (
     "compatibility mode php_v1: the EFP attention runs ACROSS THE BATCH as in the PHP reference release, so each "
     "embedding depends on the other samples in its batch and test numbers depend on the test-set order and batch "
@@ -32,6 +32,17 @@ COMPAT_WARNING = (
 
 class CompatibilityWarning(UserWarning):
     """Raised (as a warning) whenever a model runs with batch-dependent embeddings."""
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A trained run ready for evaluation: what `load_model` returns."""
+
+    model: RetrievalModel  # in eval mode, on the requested device
+    cfg: Config  # the run's config, resolved: the file, the checkpoint's sizes, the overrides
+    layout: str  # of the checkpoint: 'project', 'php_v1' or 'irra'
+    compat: str  # how the model runs: 'none' (batch-independent embeddings) or 'php_v1'
+    checkpoint_path: str
 
 
 def find_checkpoint(config_file: str, checkpoint: Optional[str]) -> str:
@@ -52,12 +63,9 @@ def read_state_dict(path: str, trusted: bool = False) -> Dict[str, torch.Tensor]
 
 
 def load_model(config_file: str, checkpoint: Optional[str] = None, device: str = "cpu", compat: str = "auto",
-               overrides: Optional[Dict[str, Any]] = None, trusted: bool = False) -> RetrievalModel:
-    """The model of a run folder in eval mode on `device`.
-
-    The returned model carries `.cfg` (the resolved Config), `.compat` ('none' or 'php_v1'), `.layout`
-    ('project', 'php_v1' or 'irra') and `.checkpoint_path`.
-    """
+               overrides: Optional[Dict[str, Any]] = None, trusted: bool = False) -> LoadedRun:
+    """The run of a config file: its model in eval mode on `device`, with its config, the checkpoint's layout,
+    the compat mode the model runs in and the checkpoint's path (see LoadedRun)."""
     if compat not in COMPAT_MODES:
         raise UserError(f"compat must be one of {', '.join(COMPAT_MODES)}; got {compat!r}")
     raw = read_yaml(config_file)
@@ -66,16 +74,11 @@ def load_model(config_file: str, checkpoint: Optional[str] = None, device: str =
     layout = detect_layout(state, path)
     if layout != PROJECT:
         state = map_published_state_dict(state, path)
-        raw = translate_published_config(raw, layout)
+        raw = translate_published_config(raw, layout, config_file)
 
     shape = shape_from_state_dict(state, prefix="backbone.")
-    cfg = Config()
-    apply(cfg, raw, config_file)
-    apply(cfg, head_sizes(state, shape.embed_dim), path)
-    cfg.text_length = shape.context_length
-    if overrides:
-        apply(cfg, overrides, "command line")
-    validate(cfg, config_file)
+    sizes = {**head_sizes(state, shape.embed_dim), "text_length": shape.context_length}
+    cfg = config_from_values({**raw, **sizes}, config_file, overrides, config_file)
 
     patches = state["backbone.visual.positional_embedding"].shape[0] - 1
     grid = (cfg.img_size[0] // shape.patch_size, cfg.img_size[1] // shape.patch_size)
@@ -83,12 +86,10 @@ def load_model(config_file: str, checkpoint: Optional[str] = None, device: str =
         raise UserError(f"{config_file}: img_size {cfg.img_size} gives {grid[0]}x{grid[1]} patches but the "
                         f"checkpoint's position embedding has {patches}")
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 0
-    model = build_model(cfg, num_classes, backbone=build_clip(shape, cfg.img_size, shape.context_length))
-    # Modules a published run carries beyond its loss_names are still loaded, so no weight goes unused.
-    if model.classifier is None and num_classes:
-        model.classifier = build_classifier(shape.embed_dim, num_classes)
-    if model.mlm is None and "cmt_depth" in head_sizes(state, shape.embed_dim):
-        model.mlm = MLMHead(shape.embed_dim, cfg.cmt_depth, shape.vocab_size)
+    # Heads a published run carries beyond its loss_names are loaded too, so that no weight goes unused.
+    present = [name for name in HEADS if any(key.startswith(name + ".") for key in state)]
+    model = build_model(cfg, num_classes, backbone=build_clip(shape, cfg.img_size, shape.context_length),
+                        with_heads=present)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         parts = []
@@ -98,16 +99,10 @@ def load_model(config_file: str, checkpoint: Optional[str] = None, device: str =
             parts.append(f"unexpected {', '.join(result.unexpected_keys[:4])}")
         raise UserError(f"{path}: weights do not match the model of {config_file}: {'; '.join(parts)}")
 
-    if compat == "php_v1" or (compat == "auto" and layout == PHP_V1):
-        mode = "batch"
-    elif compat == "none":
-        mode = "tokens"
-    else:
-        mode = cfg.efp_attention
+    mode = efp_attention_for(compat, layout, cfg.efp_attention)
     model.set_efp_attention(mode)
-    cfg.efp_attention = mode if model.php is not None else cfg.efp_attention
-    model.compat = "php_v1" if model.batch_dependent else "none"
+    if model.php is not None:
+        cfg.efp_attention = mode
     if model.batch_dependent:
         warnings.warn(COMPAT_WARNING, CompatibilityWarning, stacklevel=2)
-    model.cfg, model.layout, model.checkpoint_path = cfg, layout, path
-    return model.to(device).eval()
+    return LoadedRun(model.to(device).eval(), cfg, layout, compat_of(model.batch_dependent), path)

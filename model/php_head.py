@@ -10,15 +10,17 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
 
 from model.crfm import CRFM
 from model.efp import ATTENTION_MODES, EFP
+from model.head import Embedding, Head
+from model.registry import HeadContext, register_head
+from utils.errors import UserError
 
 MODALITIES = ("image", "text")
 
 
-class PHPHead(nn.Module):
+class PHPHead(Head):
     def __init__(self, dim: int, modules: str = "crfm+efp", cnum: int = 9, moe_layers: int = 4, moe_heads: int = 8,
                  num_experts: int = 4, topk: int = 2, reduction: int = 8, efp_attention: str = "tokens",
                  gate_context: str = "shared", mask_padding: bool = True):
@@ -38,6 +40,17 @@ class PHPHead(nn.Module):
     @property
     def batch_dependent(self) -> bool:
         return self.efp is not None and self.efp_attention == "batch"
+
+    def set_attention(self, mode: str) -> None:
+        """'tokens' (within each sample) or 'batch' (across the batch, the reference release's behaviour)."""
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"efp_attention must be one of {ATTENTION_MODES}, got {mode!r}")
+        self.efp_attention = mode
+
+    def embed(self, tokens: torch.Tensor, modality: str, padding_mask: Optional[torch.Tensor] = None) -> Embedding:
+        # The image's CLS token is the global feature already; the head parses the patches (SPEC 5).
+        part, aux = self(tokens[:, 1:] if modality == "image" else tokens, modality, padding_mask)
+        return part, {"aux": aux}
 
     def forward(self, tokens: torch.Tensor, modality: str, padding_mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -85,3 +98,14 @@ def usage_report(usage: Dict[str, torch.Tensor]) -> Dict[str, List[dict]]:
                          "entropy": entropy, "max_entropy": math.log(len(row))})
         report[modality] = rows
     return report
+
+
+@register_head("php", enabled=lambda cfg: cfg.php_modules != "none", lr_factor="php_lr_factor")
+def build_php_head(cfg, ctx: HeadContext) -> PHPHead:
+    if "efp" in cfg.php_modules and ctx.dim % cfg.moe_heads:
+        raise UserError(f"moe_heads ({cfg.moe_heads}) must divide the embedding width {ctx.dim}")
+    if ctx.dim % cfg.reduction:
+        raise UserError(f"reduction ({cfg.reduction}) must divide the embedding width {ctx.dim}")
+    return PHPHead(ctx.dim, cfg.php_modules, cnum=cfg.cnum, moe_layers=cfg.moe_layers, moe_heads=cfg.moe_heads,
+                   num_experts=cfg.num_experts, topk=cfg.topk, reduction=cfg.reduction,
+                   efp_attention=cfg.efp_attention, gate_context=cfg.gate_context, mask_padding=cfg.crfm_mask_padding)

@@ -1,43 +1,71 @@
-"""The retrieval model: CLIP backbone, optional PHP head, optional IRRA head (ID classifier, MLM branch).
+"""The retrieval model: the CLIP backbone, its heads (PHP, IRRA's classifier and MLM branch, plug-ins), its losses.
 
-Embeddings (SPEC 5, 6): image i = g_v + PHP(V[:, 1:]), text t = g_t + PHP(T) with the PHP head, else g_v / g_t.
-`model(batch)` returns every active loss under `<name>_loss`, already weighted, plus diagnostics; the trainer
-sums the keys that end in `_loss`.
+Embeddings (SPEC 5, 6): image i = g_v + the embedding heads' features of the patches, text t = g_t + theirs of
+the text tokens (with the PHP head: g + PHP(tokens); IRRA: g alone). `model(batch)` returns every active loss
+under `<name>_loss`, already weighted, plus diagnostics; the trainer sums the keys that end in `_loss`.
+
+What a loss receives (`out`, a dict) in one training step:
+- image_feats, text_feats: the embeddings [B, D], float32; pids [B]; logit_scale (1 / temperature);
+- image_tokens [B, 1 + patches, D], text_tokens [B, L, D]: the backbone's projected tokens;
+- batch: the batch as the loader gave it (caption_ids, mlm_ids, ...);
+- what the heads add: `<modality>_<key>` side outputs of embedding heads (image_aux, text_aux), and each head's
+  `outputs` (image_logits / text_logits of the classifier, mlm_logits / mlm_labels of the MLM branch).
+A loss registered with `global_batch` sees image_feats, text_feats and pids of every process under DDP.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from open_clip.model import CLIP
 from torch import nn
 
-from model import losses
 from model.backbone import eot_features, image_tokens, text_tokens
-from model.irra_head import MLMHead
-from model.php_head import PHPHead
-
-CONTRASTIVE = ("itc", "sdm", "cmpm")
+from model.head import Head
+from model.registry import HEADS, LossSpec
 
 # (image_feats, text_feats, pids) -> the same three over every process's batch; see utils/distributed.py.
 Gatherer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+GLOBAL_KEYS = ("image_feats", "text_feats", "pids")
+
+
+@dataclass(frozen=True)
+class ActiveLoss:
+    """A loss of the model: its registered spec, its weight, and the config its function reads its options from."""
+
+    spec: LossSpec
+    weight: float
+    cfg: Any
+
+    def __call__(self, out: Dict[str, Any]):
+        return self.spec.fn(out, self.cfg)
 
 
 class RetrievalModel(nn.Module):
-    def __init__(self, backbone: CLIP, loss_weights: Dict[str, float], temperature: float = 0.02,
-                 php: Optional[PHPHead] = None, classifier: Optional[nn.Linear] = None,
-                 mlm: Optional[MLMHead] = None):
+    def __init__(self, backbone: CLIP, heads: Dict[str, Head], losses: Dict[str, "ActiveLoss"],
+                 temperature: float = 0.02):
         super().__init__()
         self.backbone = backbone
-        self.php = php
-        self.classifier = classifier
-        self.mlm = mlm
-        self.loss_weights = dict(loss_weights)
+        for name in HEADS:
+            # A registered head that this model lacks reads as None (model.php is None for IRRA).
+            object.__setattr__(self, name, None)
+        for name, head in heads.items():
+            setattr(self, name, head)
+        self.head_names = list(heads)
+        self.losses = dict(losses)
+        self.loss_weights = {name: loss.weight for name, loss in losses.items()}
         self.logit_scale = 1.0 / temperature
         self.gather: Optional[Gatherer] = None
-        for name, needed in (("id", classifier), ("mlm", mlm), ("aux", php is not None and php.efp)):
-            if name in self.loss_weights and not needed:
-                raise ValueError(f"loss '{name}' needs a module this model does not have")
+        for name, loss in losses.items():
+            missing = [h for h in loss.spec.needs if h not in heads]
+            if missing:
+                raise ValueError(f"loss '{name}' needs the head(s) {', '.join(missing)}, which this model lacks")
+
+    @property
+    def heads(self) -> Dict[str, Head]:
+        return {name: getattr(self, name) for name in self.head_names}
 
     @property
     def embed_dim(self) -> int:
@@ -46,74 +74,79 @@ class RetrievalModel(nn.Module):
     @property
     def batch_dependent(self) -> bool:
         """True when an embedding depends on its batch mates (the reference's cross-batch EFP attention)."""
-        return self.php is not None and self.php.batch_dependent
+        return any(head.batch_dependent for head in self.heads.values())
 
     def set_efp_attention(self, mode: str) -> None:
         if self.php is not None:
-            if mode not in ("tokens", "batch"):
-                raise ValueError(f"efp_attention must be 'tokens' or 'batch', got {mode!r}")
-            self.php.efp_attention = mode
+            self.php.set_attention(mode)
 
-    def _image(self, images: torch.Tensor):
-        tokens = image_tokens(self.backbone, images)
-        feats, aux = tokens[:, 0], None
-        if self.php is not None:
-            part, aux = self.php(tokens[:, 1:], "image")
-            feats = feats + part
-        return feats, tokens, aux
-
-    def _text(self, ids: torch.Tensor):
-        tokens = text_tokens(self.backbone, ids)
-        feats, aux = eot_features(tokens, ids), None
-        if self.php is not None:
-            part, aux = self.php(tokens, "text", padding_mask=ids == 0)
-            feats = feats + part
-        return feats, tokens, aux
+    def _encode(self, modality: str, inputs: torch.Tensor):
+        """(embedding, tokens, side outputs of the heads) of images or caption ids."""
+        if modality == "image":
+            tokens = image_tokens(self.backbone, inputs)
+            feats, padding = tokens[:, 0], None
+        else:
+            tokens = text_tokens(self.backbone, inputs)
+            feats, padding = eot_features(tokens, inputs), inputs == 0
+        side: Dict[str, torch.Tensor] = {}
+        for name in self.head_names:
+            result = getattr(self, name).embed(tokens, modality, padding)
+            if result is not None:
+                part, extra = result
+                feats = feats + part
+                side.update({f"{modality}_{key}": value for key, value in extra.items()})
+        return feats, tokens, side
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unnormalised image embeddings, float32 [B, D]."""
-        return self._image(images)[0].float()
+        return self._encode("image", images)[0].float()
 
     def encode_text(self, caption_ids: torch.Tensor) -> torch.Tensor:
         """Unnormalised text embeddings, float32 [B, D]."""
-        return self._text(caption_ids)[0].float()
+        return self._encode("text", caption_ids)[0].float()
 
     def reset_expert_usage(self) -> None:
-        if self.php is not None:
-            self.php.reset_expert_usage()
+        for head in self.heads.values():
+            if hasattr(head, "reset_expert_usage"):
+                head.reset_expert_usage()
 
     def expert_usage(self) -> Dict[str, torch.Tensor]:
         return self.php.expert_usage() if self.php is not None else {}
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        image_feats, image_toks, image_aux = self._image(batch["images"])
-        text_feats, _, text_aux = self._text(batch["caption_ids"])
-        image_feats, text_feats = image_feats.float(), text_feats.float()
-        pids = batch["pids"]
-        out: Dict[str, torch.Tensor] = {"temperature": image_feats.new_tensor(1.0 / self.logit_scale)}
-        weights = self.loss_weights
+        image_feats, image_toks, image_side = self._encode("image", batch["images"])
+        text_feats, text_toks, text_side = self._encode("text", batch["caption_ids"])
+        out: Dict[str, Any] = {"image_feats": image_feats.float(), "text_feats": text_feats.float(),
+                               "pids": batch["pids"], "image_tokens": image_toks, "text_tokens": text_toks,
+                               "logit_scale": self.logit_scale, "batch": batch, **image_side, **text_side}
+        for head in self.heads.values():
+            out.update(head.outputs(out, self))
+        return self.compute_losses(out)
 
-        if any(name in weights for name in CONTRASTIVE):
-            all_i, all_t, all_p = (self.gather(image_feats, text_feats, pids) if self.gather
-                                   else (image_feats, text_feats, pids))
-            if "itc" in weights:
-                out["itc_loss"] = weights["itc"] * losses.itc_loss(all_i, all_t, self.logit_scale)
-            if "sdm" in weights:
-                out["sdm_loss"] = weights["sdm"] * losses.sdm_loss(all_i, all_t, all_p, self.logit_scale)
-            if "cmpm" in weights:
-                out["cmpm_loss"] = weights["cmpm"] * losses.cmpm_loss(all_i, all_t, all_p)
-        if "id" in weights:
-            image_logits = self.classifier(image_feats)
-            text_logits = self.classifier(text_feats)
-            out["id_loss"] = weights["id"] * losses.id_loss(image_logits.float(), text_logits.float(), pids)
-            out["img_acc"] = (image_logits.argmax(dim=1) == pids).float().mean()
-            out["txt_acc"] = (text_logits.argmax(dim=1) == pids).float().mean()
-        if "mlm" in weights:
-            masked_tokens = text_tokens(self.backbone, batch["mlm_ids"])
-            logits, labels = self.mlm(masked_tokens, image_toks, batch["mlm_labels"])
-            out["mlm_loss"] = weights["mlm"] * losses.mlm_loss(logits, labels)
-            out["mlm_acc"] = ((logits.argmax(dim=1) == labels).float().mean() if labels.numel()
-                              else logits.new_zeros(()))
-        if "aux" in weights:
-            out["aux_loss"] = weights["aux"] * (image_aux + text_aux)
-        return out
+    def compute_losses(self, out: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Every active loss, weighted, as `<name>_loss`, and the diagnostics the losses return, all float32.
+
+        The losses run with autocast off: their cosine matrices, scaled by 1 / temperature (50), lose 1-2% of the
+        gradient in bf16, and the references compute them in fp32.
+        """
+        image_feats = out["image_feats"]
+        # torch.full, not new_tensor: a fill on the device rather than a copy from the host, which on CUDA waits.
+        results: Dict[str, torch.Tensor] = {"temperature": torch.full((), 1.0 / self.logit_scale,
+                                                                       device=image_feats.device)}
+        gathered = None
+        device = image_feats.device.type
+        # (The meta device, used to check shapes, has no autocast to turn off.)
+        off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+        with off:
+            for name, loss in self.losses.items():
+                view = out
+                if loss.spec.global_batch and self.gather is not None:
+                    if gathered is None:
+                        gathered = {**out, **dict(zip(GLOBAL_KEYS, self.gather(*(out[k] for k in GLOBAL_KEYS))))}
+                    view = gathered
+                value = loss(view)
+                if isinstance(value, dict):
+                    results.update({k: v.detach().float() for k, v in value.items() if k != "loss"})
+                    value = value["loss"]
+                results[f"{name}_loss"] = loss.weight * value.float()
+        return results

@@ -37,3 +37,20 @@ def smoke_run(demo_root, tmp_path_factory):
         run_main(train.main, ["--config_file", SMOKE_CONFIG, "--root_dir", demo_root, "--output_dir", out])
     assert done.value.code == 0
     return os.path.join(out, "Demo-PEDES", "smoke")
+
+
+@pytest.fixture
+def php_log():
+    """The messages of the project's logger 'php' during a test. (pytest's caplog watches the root logger, which
+    'php' stops propagating to once an entry point has set it up, so caplog would depend on the test order.)"""
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("php")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -225,21 +225,25 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = load_model(str(run / "configs.yaml"))
     b = batch(3)
     with torch.no_grad():
-        assert torch.equal(model.encode_image(b["images"]), loaded.encode_image(b["images"]))
-        assert torch.equal(model.encode_text(b["caption_ids"]), loaded.encode_text(b["caption_ids"]))
-    assert loaded.compat == "none" and loaded.layout == "project"
+        assert torch.equal(model.encode_image(b["images"]), loaded.model.encode_image(b["images"]))
+        assert torch.equal(model.encode_text(b["caption_ids"]), loaded.model.encode_text(b["caption_ids"]))
+    assert loaded.compat == "none" and loaded.layout == "project" and not loaded.model.training
+    assert loaded.checkpoint_path == str(run / "best.pth") and loaded.cfg.loss_names == "sdm+id+mlm"
 
 
 def test_published_php_layout_loads_and_warns(tmp_path):
     cfg_file = write_published_run(str(tmp_path / "php"), "php_v1")
     with pytest.warns(CompatibilityWarning, match="ACROSS THE BATCH"):
-        model = load_model(cfg_file)
-    assert model.compat == "php_v1" and model.cfg.cnum == 9 and model.cfg.moe_layers == SMALL["moe_layers"]
+        run = load_model(cfg_file)
+    model = run.model
+    assert run.compat == "php_v1" and run.layout == "php_v1"
+    assert run.cfg.cnum == 9 and run.cfg.moe_layers == SMALL["moe_layers"]
     assert model.loss_weights == {"sdm": 1.0, "itc": 5.0, "aux": 3.0}
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompatibilityWarning)
-        independent = load_model(cfg_file, compat="none")
-    assert independent.compat == "none"
+        independent_run = load_model(cfg_file, compat="none")
+    assert independent_run.compat == "none" and independent_run.layout == "php_v1"
+    independent = independent_run.model
     images = torch.randn(4, 3, *SMALL["img_size"])
     with torch.no_grad():
         moved = model.encode_image(images)[:2] - model.encode_image(images[:2])
@@ -249,9 +253,10 @@ def test_published_php_layout_loads_and_warns(tmp_path):
 
 def test_published_irra_layout_loads(tmp_path):
     cfg_file = write_published_run(str(tmp_path / "irra"), "irra")
-    model = load_model(cfg_file)
+    run = load_model(cfg_file)
+    model = run.model
     assert model.php is None and model.classifier.out_features == SMALL["num_classes"]
-    assert model.mlm is not None and model.compat == "none"
+    assert model.mlm is not None and run.compat == "none" and run.layout == "irra"
     state = published_state_dict("irra", SMALL)
     w = state["base_model.visual.proj"].float()
     assert torch.equal(model.backbone.visual.proj.detach(), w)

@@ -230,3 +230,29 @@ def test_a_full_disk_for_tensorboard_and_the_log_only_warns(tmp_path, capsys):
     assert out.count("cannot write the log file") == 1 and out.count("cannot write TensorBoard events") == 1
     assert "second line" in out and file_handler not in logger.handlers
     logging.getLogger("php").handlers.clear()
+
+
+def test_a_run_made_before_options_were_retired_resumes(finished, copy_of, tmp_path, capsys):
+    """configs.yaml and the checkpoint of an earlier version carry options since retired (world_size, training,
+    MLM, ...); such a run resumes, the retired options dropped with a note."""
+    import yaml
+    root = finished[0]
+    copy = copy_of("smoke")
+    retired = {"training": True, "vocab_size": 49408, "MLM": False, "moe_lr_factor": 2.0,
+               "transformer_lr_factor": 1.0, "distributed": False, "world_size": 1, "local_rank": 0}
+    with open(os.path.join(copy, "configs.yaml")) as f:
+        config = yaml.safe_load(f)
+    config.pop("custom_imports"), config.pop("heads"), config.pop("annotation_file")
+    with open(os.path.join(copy, "configs.yaml"), "w") as f:
+        yaml.safe_dump({**config, **retired}, f)
+    for name in ("last.pth", "best.pth"):
+        ckpt = torch.load(os.path.join(copy, name), weights_only=True)
+        ckpt["config"] = {**config, **retired}
+        ckpt.pop("world_size")
+        torch.save(ckpt, os.path.join(copy, name))
+    code, err = run_entry(train.main, train_argv(root, str(tmp_path / "logs"), "--resume", "--num_epoch", "3"),
+                          capsys)
+    assert code == 0, err
+    assert read_checkpoint(os.path.join(copy, "last.pth"))["epoch"] == 3
+    with open(os.path.join(copy, "train_log.txt")) as f:
+        assert "ignoring option(s) that mean nothing here: training (always true)" in f.read()

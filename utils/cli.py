@@ -11,15 +11,37 @@ import sys
 import traceback
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from utils.config import FIELDS, parse_overrides
+from utils.config import build_config, describe_options, option_names, parse_overrides
 from utils.errors import UserError
 
 
 def split_argv(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, dict]:
-    """Entry-point flags via `parser`; every other `--key value` is a config override (checked by name)."""
+    """Entry-point flags via `parser`; every other `--key value` is a config override (checked by name).
+
+    `-h` / `--help` prints the entry point's flags and every config option, a plug-in's included when
+    `--config_file` or `--custom_imports` names it, and exits.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print_help(parser, [a for a in argv if a not in ("-h", "--help")])
+        raise SystemExit(0)
     args, rest = parser.parse_known_args(argv)
     _check_misspelt_flags(parser, rest)
     return args, parse_overrides(list(rest))
+
+
+def print_help(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    parser.print_help()
+    cfg = None
+    try:
+        args, rest = parser.parse_known_args(argv)
+        config_file = getattr(args, "config_file", None)
+        cfg = build_config(config_file if config_file and os.path.isfile(config_file) else None,
+                           parse_overrides(list(rest)), check=False)
+    except (UserError, SystemExit) as e:
+        print(f"\n(plug-in options not listed: {e})")
+    print()
+    print(describe_options(cfg))
 
 
 def _check_misspelt_flags(parser: argparse.ArgumentParser, rest: Sequence[str]) -> None:
@@ -28,8 +50,8 @@ def _check_misspelt_flags(parser: argparse.ArgumentParser, rest: Sequence[str]) 
     flags = sorted(set(re.findall(r"--(\w+)", parser.format_usage())))
     for token in rest:
         key = token[2:].split("=", 1)[0] if token.startswith("--") else ""
-        if key and key not in FIELDS:
-            close = difflib.get_close_matches(key, flags + list(FIELDS), n=1, cutoff=0.5)
+        if key and key not in option_names():
+            close = difflib.get_close_matches(key, flags + option_names(), n=1, cutoff=0.5)
             if close and close[0] in flags:
                 raise UserError(f"command line: unknown option '--{key}'; did you mean '--{close[0]}'?")
 

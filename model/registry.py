@@ -1,0 +1,110 @@
+"""The registries of heads and losses: plain dicts from name to spec, filled by decorators.
+
+Every head and loss, the built-in ones included, registers here; a plug-in file (`custom_imports`, see
+docs/extending.md) registers its own the same way, with no edit to the project:
+
+    @register_loss("my_loss", weight=0.5, global_batch=True)
+    def my_loss(out, cfg):                 # out: the tensors of one step (RetrievalModel.forward documents them)
+        ...                                 # returns a scalar tensor, or {"loss": scalar, "name": diagnostic, ...}
+
+    @register_head("my_head", lr_factor="my_head_lr_factor", options=[Option("my_head_lr_factor", float, 1.0, ...)])
+    def build_my_head(cfg, ctx):           # ctx.dim, ctx.num_classes, ctx.vocab_size
+        return MyHead(ctx.dim)              # a model.heads.Head; its parameters are named my_head.*
+
+A head is built when the config asks for it (its `enabled(cfg)`; for a plug-in head: `heads: [my_head]`) or
+when an active loss `needs` it. A loss's weight is a number (which becomes the option `<name>_loss_weight` with
+that default), the name of an option, or a function of the config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+from utils.plugins import current_plugin, declared_by_current
+from utils.schema import Option, register_options
+
+Weight = Union[float, str, Callable[[Any], float]]
+
+
+@dataclass(frozen=True)
+class HeadContext:
+    """What a head's builder may need besides the config."""
+
+    dim: int            # width of the joint embedding space
+    num_classes: int    # training identities (0 when unknown, e.g. a model loaded for testing)
+    vocab_size: int     # the tokenizer's vocabulary
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    name: str
+    build: Callable[[Any, HeadContext], Any]
+    enabled: Callable[[Any], bool]
+    # How the optimizer treats the head's parameters (solver/optimizer.py): the kind of each parameter, by its name
+    # within the head ("base": lr, bias rule; "factor": lr * lr_factor unless a bias; "head_factor": lr *
+    # lr_factor, bias decay for biases), and an option (or number) multiplying the result. None: the head
+    # declared no learning-rate group, and its parameters train at the base lr with a warning.
+    lr_kind: Optional[Callable[[str], str]]
+    lr_factor: Union[str, float, None]
+    owner: str
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    fn: Callable[[Dict[str, Any], Any], Any]
+    weight: Weight
+    global_batch: bool  # computed over the features of every process under DDP (gather_features)
+    needs: Tuple[str, ...]  # heads that must exist for it
+    check: Optional[Callable[[Any], Optional[str]]]  # a config it cannot work with -> the reason
+    owner: str
+
+
+HEADS: Dict[str, HeadSpec] = {}
+LOSSES: Dict[str, LossSpec] = {}
+
+
+def _declare(registry: Dict[str, Any], kind: str, name: str, owner: str, options: Sequence[Option]) -> None:
+    previous = registry.get(name)
+    if previous is not None and previous.owner != owner:
+        raise ValueError(f"{kind} {name!r} of {owner} is already registered by {previous.owner}")
+    declared_by_current(register_options(options, owner))
+
+
+def register_head(name: str, *, enabled: Optional[Callable[[Any], bool]] = None, lr_factor: Union[str, float,
+                  None] = None, lr_kind: Optional[Callable[[str], str]] = None, options: Sequence[Option] = ()):
+    """Decorator for `build(cfg, ctx) -> Head`. Without `enabled`, the head is built when `cfg.heads` lists it.
+    Declaring `lr_factor` (an option name or a number; 1.0 for the base lr) gives it a learning-rate group."""
+    def decorator(build):
+        owner = current_plugin(build.__module__)
+        _declare(HEADS, "head", name, owner, options)
+        HEADS[name] = HeadSpec(name, build, enabled or (lambda cfg: name in cfg.heads),
+                               lr_kind or ((lambda param: "base") if lr_factor is not None else None), lr_factor,
+                               owner)
+        return build
+    return decorator
+
+
+def register_loss(name: str, *, weight: Weight = 1.0, global_batch: bool = False, needs: Sequence[str] = (),
+                  check: Optional[Callable[[Any], Optional[str]]] = None, options: Sequence[Option] = ()):
+    """Decorator for `fn(out, cfg) -> scalar tensor or {"loss": scalar, ...}`; see the module docstring."""
+    def decorator(fn):
+        owner = current_plugin(fn.__module__)
+        declared = list(options)
+        weight_of: Weight = weight
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            declared.append(Option(f"{name}_loss_weight", float, float(weight), f"Weight of the {name} loss.",
+                                   minimum=0))
+            weight_of = f"{name}_loss_weight"
+        _declare(LOSSES, "loss", name, owner, declared)
+        LOSSES[name] = LossSpec(name, fn, weight_of, global_batch, tuple(needs), check, owner)
+        return fn
+    return decorator
+
+
+def loss_weight(spec: LossSpec, cfg) -> float:
+    if callable(spec.weight):
+        return float(spec.weight(cfg))
+    if isinstance(spec.weight, str):
+        return float(getattr(cfg, spec.weight))
+    return float(spec.weight)

@@ -1,0 +1,285 @@
+"""The run configuration's schema: every option with its type, default, allowed values, bounds and help text.
+
+A run is described by a flat mapping from option name to value. The names are those of the command line and of
+the reference codebases (IRRA, PHP), so their `configs.yaml` files and commands carry over. The options of this
+project are the fields of `Config` below; a plug-in (docs/extending.md) adds its own with `register_options`,
+and they behave the same: typed, validated, listed by `--help`, written to configs.yaml. Reading and resolving
+a configuration is utils/config.py.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from utils.errors import short_repr
+
+PHP_MODULES = ("none", "crfm", "efp", "crfm+efp")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: `type` is a typing hint (int, float, str, bool, Optional[float], List[int], ...)."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    choices: Optional[Tuple[Any, ...]] = None
+    minimum: Optional[float] = None
+    positive: bool = False
+    owner: str = "core"  # the plug-in that declared it
+
+
+def _opt(default, help: str, choices: Iterable | None = None, minimum: float | None = None,
+         positive: bool = False):
+    """A schema field: its default, help text, allowed values, and lower bound (`minimum`, or > 0 if `positive`)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "positive": positive}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # --- the run -----------------------------------------------------------------------------------------
+    name: str = _opt("php", "Run name; the run lives in <output_dir>/<dataset_name>/<name>/.")
+    custom_imports: List[str] = _opt([], "Python files (or module names) of plug-ins, imported before anything is "
+                                         "built: heads, losses, data sets and their options (docs/extending.md).")
+    output_dir: str = _opt("logs", "Folder that holds all runs.")
+    dataset_name: str = _opt("CUHK-PEDES", "Data set, by registered name: CUHK-PEDES, ICFG-PEDES, RSTPReid, "
+                                           "Demo-PEDES, custom (your own annotation_file), or a plug-in's.")
+    annotation_file: str = _opt("", "dataset_name custom: a JSON list or a CSV of image path, person id, caption "
+                                    "and split (docs/extending.md); image paths relative to the file's folder.")
+    root_dir: str = _opt("./data", "Folder that holds the data set folders (<root_dir>/<dataset_name>/).")
+    seed: int = _opt(1, "Seed of every random number generator (model init, samplers, augmentation, masking).",
+                     minimum=0)
+    device: str = _opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    precision: str = _opt("fp32", "Autocast precision; master weights stay fp32.", ("fp32", "bf16", "fp16"))
+    num_workers: int = _opt(4, "Data-loader worker processes.", minimum=0)
+    log_period: int = _opt(100, "Iterations between log lines.", positive=True)
+    eval_period: int = _opt(1, "Epochs between evaluations on the validation split.", positive=True)
+    val_dataset: str = _opt("val", "Split used for model selection; 'test' is allowed but warned about.",
+                            ("val", "test"))
+    val_holdout_ids: int = _opt(0, "Hold out this many training identities as the validation split "
+                                   "(for ICFG-PEDES, which has none). 0 keeps the splits as annotated.", minimum=0)
+    skip_missing_images: bool = _opt(False, "Drop annotated images missing on disk (with a warning) instead of "
+                                            "failing.")
+    demo_seed: int = _opt(0, "Seed of the generated Demo-PEDES set (seed N > 0: <root_dir>/Demo-PEDES_seed<N>).",
+                          minimum=0)
+    resume: bool = _opt(False, "Continue the run from its last.pth (or resume_ckpt_file).")
+    resume_ckpt_file: str = _opt("", "Checkpoint to resume from instead of <run>/last.pth.")
+    overwrite: bool = _opt(False, "Start afresh in a run folder that already holds checkpoints, replacing them "
+                                  "(without it, such a start is refused).")
+    compat: str = _opt("auto", "Loading a run: 'none' (batch-independent embeddings), 'php_v1' (the reference "
+                               "release's cross-batch EFP attention, to reproduce its numbers) or 'auto' "
+                               "(php_v1 for published PHP checkpoints only).", ("auto", "none", "php_v1"))
+    tensorboard: bool = _opt(True, "Write TensorBoard scalars to <run>/tensorboard.")
+    skip_nonfinite_steps: int = _opt(0, "Tolerate up to this many steps with a non-finite loss (skipped) "
+                                        "before stopping the run.", minimum=0)
+    grad_checkpointing: bool = _opt(False, "Recompute backbone activations in backward to save memory.")
+    torch_compile: bool = _opt(False, "torch.compile each transformer block of the backbone (regional "
+                                      "compilation: seconds, not minutes). Fewer, fused kernels; the first "
+                                      "steps and the first evaluation wait for the compiler.")
+    max_grad_norm: float = _opt(0.0, "Clip the gradient norm to this value; 0 disables clipping.", minimum=0)
+    gather_features: bool = _opt(True, "With several processes, the batch-level losses (itc, sdm, cmpm, the "
+                                       "MoE balancing loss) see the global batch, gathered from every process, "
+                                       "as in a single-process run on it; off: each process's own share.")
+    batch_size_scope: str = _opt("global", "'global': batch_size is the batch of one optimizer step, split evenly "
+                                           "over the processes (so it must divide by their number), and a config "
+                                           "means the same at any process count; 'per_process': every process "
+                                           "takes batch_size, the global batch is batch_size x processes.",
+                                 ("global", "per_process"))
+
+    # --- data --------------------------------------------------------------------------------------------
+    img_size: List[int] = _opt([384, 128], "Image height and width.")
+    img_aug: bool = _opt(True, "Flip, pad-and-crop and random erasing; off: flip only.")
+    cache_images: bool = _opt(False, "Decode and resize every training image once, before training, and keep "
+                                     "it in memory (H*W*3 bytes each: 147 KB at 384x128, ~5 GB for "
+                                     "CUHK-PEDES); augmentation still runs per item. For when decoding limits "
+                                     "the step, as on a 2-core CPU.")
+    text_length: int = _opt(77, "Token context length.", positive=True)
+    sampler: str = _opt("random", "Training sampler.", ("random", "identity"))
+    num_instance: int = _opt(4, "Images per identity in a batch of the identity sampler (K of P x K).", positive=True)
+    batch_size: int = _opt(64, "Training batch size; with several processes see batch_size_scope.", positive=True)
+    test_batch_size: int = _opt(512, "Batch size when embedding the evaluation split.", positive=True)
+    masked_token_rate: float = _opt(0.8, "Share of chosen MLM tokens replaced by <|mask|>.", minimum=0)
+    masked_token_unchanged_rate: float = _opt(0.1, "Share of chosen MLM tokens left unchanged.", minimum=0)
+
+    # --- model -------------------------------------------------------------------------------------------
+    pretrain_choice: str = _opt("ViT-B/16", "Backbone weights: a file path; 'ViT-B/16' (OpenAI's ViT-B-16.pt, "
+                                            "searched in pretrained_dir and ~/.cache/clip); or an architecture "
+                                            "name for random weights ('ViT-B-16', 'ViT-Demo').")
+    pretrained_dir: str = _opt("./pretrained", "Folder searched for OpenAI's CLIP files (ViT-B-16.pt).")
+    stride_size: int = _opt(16, "Patch stride; must equal the patch size (kept for reference configs).", positive=True)
+    temperature: float = _opt(0.02, "Contrastive temperature; logit scale = 1 / temperature (fixed).", positive=True)
+    loss_names: str = _opt("sdm+itc+aux", "Losses joined by '+', by registered name: itc, sdm, cmpm, id, mlm, "
+                                          "aux, or a plug-in's.")
+    sdm_loss_weight: float = _opt(1.0, "Weight of the SDM loss.", minimum=0)
+    itc_loss_weight: Optional[float] = _opt(None, "Weight of the ITC loss; empty: 5 with a PHP head (the PHP "
+                                                  "reference), 1 without.", minimum=0)
+    cmpm_loss_weight: float = _opt(1.0, "Weight of the CMPM loss.", minimum=0)
+    id_loss_weight: float = _opt(1.0, "Weight of the ID loss.", minimum=0)
+    mlm_loss_weight: Optional[float] = _opt(None, "Weight of the MLM loss; empty: 0.5 with a PHP head (the PHP "
+                                                  "reference), 1 without.", minimum=0)
+    aux_factor: float = _opt(3.0, "Weight of the MoE load-balancing loss.", minimum=0)
+    cmt_depth: int = _opt(4, "Layers of the IRRA cross-modal transformer (MLM head).", minimum=0)
+    php_modules: str = _opt("crfm+efp", "PHP head modules.", PHP_MODULES)
+    cnum: int = _opt(9, "Part tokens of the CRFM (K).", positive=True)
+    num_experts: int = _opt(4, "Experts per EFP block.", positive=True)
+    topk: int = _opt(2, "Experts each token is routed to.", positive=True)
+    reduction: int = _opt(8, "Bottleneck reduction of each expert (D -> D / reduction).", positive=True)
+    moe_layers: int = _opt(4, "EFP blocks.", positive=True)
+    moe_heads: int = _opt(8, "Attention heads of each EFP block.", positive=True)
+    efp_attention: str = _opt("tokens", "EFP self-attention: 'tokens' among a sample's part tokens (batch "
+                                        "independent), or 'batch' across the batch as in the PHP reference "
+                                        "release (embeddings depend on batch mates; for study only).",
+                              ("tokens", "batch"))
+    crfm_mask_padding: bool = _opt(True, "Exclude text padding from the CRFM softmax (the reference did not).")
+    gate_context: str = _opt("shared", "EFP gate context vector shared by both modalities (reference) or one "
+                                       "per modality.", ("shared", "per_modality"))
+    heads: List[str] = _opt([], "Plug-in heads to add, by registered name (the built-in heads follow php_modules "
+                                "and loss_names).")
+
+    # --- solver ------------------------------------------------------------------------------------------
+    optimizer: str = _opt("Adam", "Optimizer.", ("Adam", "AdamW", "SGD"))
+    lr: float = _opt(3e-6, "Base learning rate.", positive=True)
+    bias_lr_factor: float = _opt(2.0, "Learning-rate factor of biases.", minimum=0)
+    lr_factor: float = _opt(5.0, "Learning-rate factor of randomly initialised modules (cross-modal MLM "
+                                 "modules, ID classifier, MLM head).", minimum=0)
+    php_lr_factor: float = _opt(1.0, "Learning-rate factor of the PHP head (the reference trains it at 1).", minimum=0)
+    momentum: float = _opt(0.9, "SGD momentum.", minimum=0)
+    weight_decay: float = _opt(4e-5, "Weight decay.", minimum=0)
+    weight_decay_bias: float = _opt(0.0, "Weight decay of biases.", minimum=0)
+    alpha: float = _opt(0.9, "Adam/AdamW beta1.", minimum=0)
+    beta: float = _opt(0.999, "Adam/AdamW beta2.", minimum=0)
+    optimizer_eps: Optional[float] = _opt(None, "Adam/AdamW epsilon; empty: the reference's (Adam 1e-3, AdamW "
+                                                "1e-8).", minimum=0)
+    num_epoch: int = _opt(60, "Training epochs.", positive=True)
+    lrscheduler: str = _opt("cosine", "Schedule after warm-up (formulas in solver/lr_scheduler.py): step, cosine, "
+                                      "linear, and poly / exp as in the reference codebases; polynomial and "
+                                      "exp_gamma are the textbook decays.",
+                            ("step", "cosine", "poly", "exp", "linear", "polynomial", "exp_gamma"))
+    milestones: List[int] = _opt([20, 50], "Epochs at which the step schedule multiplies the lr by gamma.")
+    gamma: float = _opt(0.1, "Step-schedule factor (and exp_gamma's base).", minimum=0)
+    warmup_factor: float = _opt(0.1, "Learning-rate factor at the start of warm-up.", minimum=0)
+    warmup_epochs: int = _opt(5, "Warm-up epochs.", minimum=0)
+    warmup_method: str = _opt("linear", "Warm-up shape.", ("constant", "linear", "exp"))
+    target_lr: float = _opt(0.0, "Final learning rate of the cosine, linear, poly and polynomial schedules.",
+                            minimum=0)
+    power: float = _opt(0.9, "Base of the poly and exp schedules, exponent of polynomial.", minimum=0)
+
+    # --- derived helpers ---------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_plugin_values", {})
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not fields: a plug-in option this config was given.
+        values = self.__dict__.get("_plugin_values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"config has no option {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in PLUGIN_OPTIONS and name not in CORE:
+            self.__dict__["_plugin_values"][name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def enable_plugin_options(self, names: Iterable[str]) -> None:
+        """Give this config the plug-in options `names`, at their defaults unless already set."""
+        for name in names:
+            self.__dict__["_plugin_values"].setdefault(name, copy.deepcopy(PLUGIN_OPTIONS[name].default))
+
+    @property
+    def plugin_options(self) -> List[str]:
+        return list(self.__dict__["_plugin_values"])
+
+    @property
+    def losses(self) -> List[str]:
+        return [n for n in self.loss_names.split("+") if n]
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.output_dir, self.dataset_name, self.name)
+
+    def to_dict(self) -> Dict[str, Any]:
+        values = {name: copy.deepcopy(getattr(self, name)) for name in CORE}
+        values.update(copy.deepcopy(self.__dict__["_plugin_values"]))
+        return values
+
+    def copy(self, **changes: Any) -> "Config":
+        """A copy with `changes` applied (plug-in options included; dataclasses.replace would drop them)."""
+        other = copy.deepcopy(self)
+        for name, value in changes.items():
+            setattr(other, name, value)
+        return other
+
+
+_HINTS = typing.get_type_hints(Config)
+CORE: Dict[str, Option] = {
+    f.name: Option(f.name, _HINTS[f.name], f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else f.default, f.metadata["help"], f.metadata["choices"], f.metadata["minimum"],
+                   f.metadata["positive"])
+    for f in dataclasses.fields(Config)}
+PLUGIN_OPTIONS: Dict[str, Option] = {}
+
+# Options of earlier versions and of the reference codebases that mean nothing here. A config file that holds
+# them (a published run's, or one this project wrote before they were retired) is read without them, and the
+# reader says which were dropped; on the command line they are unknown options.
+RETIRED = {
+    "training": "always true",
+    "vocab_size": "fixed by CLIP's BPE (the checkpoint gives it)",
+    "MLM": "MLM inputs follow loss_names",
+    "moe_lr_factor": "unused by the PHP reference too (php_lr_factor is the PHP head's)",
+    "transformer_lr_factor": "unused by the PHP reference too",
+    "distributed": "set by torchrun",
+    "world_size": "set by torchrun (recorded in the checkpoint)",
+    "local_rank": "set by torchrun",
+}
+
+
+def option(name: str) -> Optional[Option]:
+    """The option called `name` (this project's or a plug-in's), None if there is none."""
+    return CORE.get(name) or PLUGIN_OPTIONS.get(name)
+
+
+def register_options(options: Sequence[Option], owner: str) -> List[str]:
+    """Add a plug-in's options to the schema; returns their names. A name taken by this project or by another
+    plug-in is a ValueError (a programming error in the plug-in, reported when it is imported)."""
+    names = []
+    for opt in options:
+        taken = CORE.get(opt.name) or PLUGIN_OPTIONS.get(opt.name)
+        if opt.name in CORE or (taken is not None and taken.owner != owner):
+            raise ValueError(f"option {opt.name!r} of {owner} is already declared by "
+                             f"{'this project' if opt.name in CORE else taken.owner}")
+        if not opt.name.isidentifier():
+            raise ValueError(f"option name {short_repr(opt.name)} of {owner} is not a Python identifier")
+        PLUGIN_OPTIONS[opt.name] = dataclasses.replace(opt, owner=owner,
+                                                       choices=tuple(opt.choices) if opt.choices else None)
+        names.append(opt.name)
+    return names
+
+
+# Options that may differ when a run is resumed: they change neither the model, the data nor the optimisation
+# (how long it runs, how often it logs or evaluates, where and how fast it computes). Everything else must equal
+# the run's configs.yaml; `name` and `output_dir` choose the run folder itself. Documented in the README.
+RESUME_MUTABLE = ("num_epoch", "eval_period", "log_period", "num_workers", "device", "tensorboard",
+                  "test_batch_size", "skip_nonfinite_steps", "torch_compile", "grad_checkpointing", "cache_images",
+                  "root_dir", "pretrained_dir", "compat", "resume", "resume_ckpt_file", "overwrite")
+_RUN_FOLDER_KEYS = ("name", "output_dir")
+
+
+def resume_differences(requested: Config, saved: Config) -> List[str]:
+    """The options, beyond RESUME_MUTABLE, in which `requested` differs from `saved`: 'key (saved -> requested)'."""
+    differences = []
+    for key in [*CORE, *sorted(set(requested.plugin_options) | set(saved.plugin_options))]:
+        if key in RESUME_MUTABLE or key in _RUN_FOLDER_KEYS:
+            continue
+        old, new = getattr(saved, key, None), getattr(requested, key, None)
+        if old != new:
+            differences.append(f"{key} ({short_repr(old)} -> {short_repr(new)})")
+    return differences
