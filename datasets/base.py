@@ -82,8 +82,9 @@ class PedesDataset:
     """
 
     def __init__(self, name: str, dataset_dir: str, train: List[TrainPair], val: Dict[str, list],
-                 test: Dict[str, list], train_id_map: Dict[int, int]):
+                 test: Dict[str, list], train_id_map: Dict[int, int], annotation_file: Optional[str] = None):
         self.name = name
+        self.annotation_file = annotation_file  # the file the annotations came from, when they came from one
         self.dataset_dir = dataset_dir
         self.train = train
         self.val = val
@@ -307,5 +308,7 @@ def dataset_from_annotations(name: str, annotations: Annotations, *, val_holdout
     entries = parse_entries(annotations.entries, annotations.source, annotations)
     if check_images:
         entries = drop_missing_images(entries, annotations.image_dir, annotations.source, skip_missing_images)
-    return build_splits(name, annotations.dataset_dir or annotations.image_dir, entries, val_holdout_ids,
-                        source=annotations.source, img_dir=annotations.image_dir)
+    dataset = build_splits(name, annotations.dataset_dir or annotations.image_dir, entries, val_holdout_ids,
+                           source=annotations.source, img_dir=annotations.image_dir)
+    dataset.annotation_file = annotations.source if os.path.isfile(annotations.source) else None
+    return dataset

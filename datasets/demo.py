@@ -16,7 +16,7 @@ from datasets.registry import register_dataset
 FORMAT = replace(cuhkpedes.FORMAT, name="Demo-PEDES", folder="Demo-PEDES")
 
 
-@register_dataset("Demo-PEDES")
+@register_dataset("Demo-PEDES", layout=FORMAT)
 def demo_annotations(cfg) -> Annotations:
     # Imported here: loading any other data set should not pull in the generator and its renderer.
     from datasets import demo_pedes

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from datasets.base import AnnotationFormat, Annotations, PedesDataset, dataset_from_annotations, read_annotation_file
+from datasets.base import (AnnotationFormat, Annotations, PedesDataset, dataset_from_annotations, locate,
+                           read_annotation_file)
 from utils.errors import UserError, short_repr
 from utils.plugins import current_plugin, declared_by_current
 from utils.schema import Config, Option, register_options
@@ -28,12 +29,27 @@ class DatasetSpec:
     name: str
     annotations: Callable[[Any], Annotations]
     owner: str
+    layout: Optional[AnnotationFormat] = None  # a folder under root_dir (the built-in sets): how to find it
+
+
+def found_under(root_dir: str) -> List[str]:
+    """The registered data sets whose folder and annotation file exist under `root_dir` (nothing is generated)."""
+    found = []
+    for name, spec in DATASETS.items():
+        if spec.layout is None:
+            continue
+        try:
+            locate(spec.layout, root_dir)
+        except UserError:
+            continue
+        found.append(name)
+    return found
 
 
 DATASETS: Dict[str, DatasetSpec] = {}
 
 
-def register_dataset(name: str, *, options: Sequence[Option] = ()):
+def register_dataset(name: str, *, options: Sequence[Option] = (), layout: Optional[AnnotationFormat] = None):
     """Decorator for `annotations(cfg) -> Annotations`; see the module docstring."""
     def decorator(fn):
         owner = current_plugin(fn.__module__)
@@ -41,14 +57,14 @@ def register_dataset(name: str, *, options: Sequence[Option] = ()):
         if previous is not None and previous.owner != owner:
             raise ValueError(f"data set {name!r} of {owner} is already registered by {previous.owner}")
         declared_by_current(register_options(options, owner))
-        DATASETS[name] = DatasetSpec(name, fn, owner)
+        DATASETS[name] = DatasetSpec(name, fn, owner, layout)
         return fn
     return decorator
 
 
 def register_format(fmt: AnnotationFormat) -> None:
     """Register a data set that lives in `<root_dir>/<fmt.folder>/` with its annotation file and imgs/."""
-    register_dataset(fmt.name)(lambda cfg: read_annotation_file(fmt, cfg.root_dir))
+    register_dataset(fmt.name, layout=fmt)(lambda cfg: read_annotation_file(fmt, cfg.root_dir))
 
 
 def dataset_from_config(cfg, check_images: bool = True) -> PedesDataset:
