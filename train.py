@@ -24,6 +24,7 @@ from utils.schema import resume_differences
 from utils.env import resolve_device, seed_everything
 from utils.errors import UserError
 from utils.logger import attach_log_file, setup_logger
+from utils.provenance import code_and_data
 from utils.runlock import RunLock
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
@@ -153,7 +154,9 @@ def run_training(cfg, rank: int, world_size: int, local_rank: int, config_file: 
 
     train_loader = build_train_loader(cfg, dataset, rank, world_size)
     evaluator = Evaluator(*build_eval_loaders(cfg, split), precision=cfg.precision)
-    trainer = Trainer(cfg, model, train_loader, evaluator, run_dir, device, rank, world_size)
+    # Once per process: the code and data this process trains with (history.json records them per epoch).
+    provenance = code_and_data(dataset.annotation_file) if rank == 0 else None
+    trainer = Trainer(cfg, model, train_loader, evaluator, run_dir, device, rank, world_size, provenance)
     if ckpt is not None and not trainer.restore(ckpt, resume_path):
         logger.info("%s already finished all %d epochs; nothing to do", run_dir, cfg.num_epoch)
         return 0

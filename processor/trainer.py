@@ -48,14 +48,17 @@ class NonFiniteLossError(UserError):
 
 class Trainer:
     """Trains `model` as `cfg` says. `fit` needs the training loader, the evaluator and the run folder; `train_step`
-    alone (the benchmarks) needs none of them."""
+    alone (the benchmarks) needs none of them. `provenance` (`commit`, `dirty`, `annotations_sha256`: see
+    utils.provenance.code_and_data) goes into every epoch record of history.json."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, train_loader=None, evaluator=None,
                  run_dir: Optional[str] = None, device: Optional[torch.device] = None, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, provenance: Optional[dict] = None):
         device = device if device is not None else next(model.parameters()).device
         self.cfg, self.train_loader, self.evaluator = cfg, train_loader, evaluator
         self.run_dir, self.device, self.rank, self.world_size = run_dir, device, rank, world_size
+        # Per epoch, not per run: a run resumed on other code or data shows from which epoch on.
+        self.provenance = dict(provenance or {})
         self.module = model
         # What runs the forward: the module itself, its DDP wrapper, or (benchmarks) a compiled module.
         self.model = dist_utils.wrap_model(model, device) if world_size > 1 else model
@@ -132,7 +135,7 @@ class Trainer:
                 global_batch = per_process_batch_size(cfg, self.world_size) * self.world_size
                 record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 2),
                           "samples_per_s": round(len(self.train_loader) * global_batch / max(seconds, 1e-9), 2),
-                          "losses": means}
+                          "losses": means, **self.provenance}
                 improved = False
                 if epoch % cfg.eval_period == 0 or epoch == cfg.num_epoch:
                     results = self.evaluate(epoch)
