@@ -1,19 +1,23 @@
-"""Text-to-image search with a trained run, from the command line.
+"""Text-to-image search with one or more trained runs, from the command line.
 
-    python retrieve.py --config_file RUN/configs.yaml --query "a woman in a red coat ..." [--query ...]
+    python retrieve.py --config_file RUN/configs.yaml [--config_file RUN2/configs.yaml ...]
+                       --query "a woman in a red coat ..." [--query ...]
                        [--split test | --gallery DIR] [--caption N ...] --topk 10 --out results.png
 
-The gallery is a split of the run's data set (default: the test split) or any folder of .jpg / .png images
-(`--gallery`, searched recursively). Its embeddings are computed once and cached under `<run>/cache/`, keyed by
-the checkpoint file and the gallery's files (see evaluation/gallery_cache.py); a later query reuses them.
+The gallery is a split of the first run's data set (default: the test split) or any folder of .jpg / .png images
+(`--gallery`, searched recursively). Every run searches that same gallery with its own model: its embeddings are
+computed once and cached under each run's `<run>/cache/`, keyed by the checkpoint file and the gallery's files (see
+evaluation/gallery_cache.py); a later query reuses them. The search itself is evaluation/search.py.
 
 Output: stdout holds only the hits, one line each, `rank score path` (cosine score, path relative to the current
-folder when it lies below it, otherwise absolute, unquoted), query after query, ranks restarting at 1. stderr
-holds a `# query N: TEXT [...]` line before each query's hits and finally `# answered in S s`, timed from the
-moment the input is known to the printed answer (model loading excluded), and the log. `--topk` beyond the
-gallery's size gives every image, with a note on stderr. The picture (`--out`, default `<run>/retrieval.png`) has
-one row per query, at most 20 queries of 12 hits (evaluation/visualize.py Style); what it leaves out is counted in it
-and in a note on stderr, and stdout still lists every hit.
+folder when it lies below it, otherwise absolute, unquoted), query after query, ranks restarting at 1. With
+several runs each line is `run rank score path`, each query's hits run after run; `run` is the run's `name`
+option without spaces (runs that share a name are named by their folder). stderr holds a `# query N: TEXT [...]`
+line before each query's hits and finally `# answered in S s`, timed from the moment the input is known to the
+printed answer (model loading excluded), and the log. `--topk` beyond the gallery's size gives every image, with a
+note on stderr. The picture (`--out`, default `<first run>/retrieval.png`) has one row per query and run, labelled
+with the run's name when there are several, at most 20 rows of 12 hits (evaluation/visualize.py Style); what it
+leaves out is counted in it and in a note on stderr, and stdout still lists every hit.
 
 Frames in the picture: with a split gallery, a query that is one of the split's captions (`--caption N` picks
 caption N; a `--query` equal to a caption up to case and spacing counts too) has a known identity, and its hits
@@ -23,26 +27,18 @@ identity: grey frames.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-import torch
-import torch.nn.functional as F
-
-from evaluation.gallery_cache import (Gallery, gallery_embeddings, gallery_from_folder, gallery_from_split,
-                                      normalise_caption)
+from evaluation.gallery_cache import Gallery, normalise_caption
+from evaluation.search import Searcher, SearchRun, load_runs, shown_path
 from evaluation.visualize import Hit, ResultRow, Style, draw_results, left_out
-from model import load_model
-from model.loading import LoadedRun
 from utils.cli import run_main, split_argv
-from utils.env import autocast, resolve_device
 from utils.errors import UserError
 from utils.logger import setup_logger
-from utils.tokenizer import tokenize
 
 
 def _text_query(value: str) -> Tuple[str, str]:
@@ -60,8 +56,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Config options can follow as --key value, e.g. --root_dir /data "
-                                       "--compat none|php_v1|auto --device cpu.")
-    p.add_argument("--config_file", required=True, help="the run's configs.yaml")
+                                       "--compat none|php_v1|auto --device cpu; they apply to every run.")
+    p.add_argument("--config_file", dest="config_files", action="append", required=True, metavar="CONFIG_FILE",
+                   help="the run's configs.yaml; repeat to compare runs (the gallery is the first run's)")
     p.add_argument("--query", dest="queries", action="append", type=_text_query, default=[], metavar="TEXT",
                    help="a description to search for; repeat for several queries (one picture row each)")
     p.add_argument("--caption", dest="queries", action="append", type=_caption_query, metavar="N",
@@ -69,34 +66,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, choices=("test", "val"), help="search this split (default: test)")
     p.add_argument("--gallery", default=None, metavar="DIR", help="search the images in DIR instead of a split")
     p.add_argument("--topk", type=int, default=10, help="hits per query (default 10)")
-    p.add_argument("--out", default=None, help="the picture to write (default: <run>/retrieval.png)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint to use (default: best.pth beside the config)")
+    p.add_argument("--out", default=None, help="the picture to write (default: <first run>/retrieval.png)")
+    p.add_argument("--checkpoint", dest="checkpoints", action="append", default=None, metavar="CHECKPOINT",
+                   help="checkpoint to use (default: best.pth beside the config); with several runs, one per "
+                        "--config_file, in the same order")
     p.add_argument("--cache_dir", default=None, help="where gallery embeddings are cached (default: <run>/cache)")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the gallery cache")
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow checkpoints that need full unpickling (only for files you trust)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     return p
-
-
-def shown_path(path: str) -> str:
-    """`path` relative to the current folder when it lies below it, otherwise absolute."""
-    path = os.path.abspath(path)
-    rel = os.path.relpath(path)
-    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
-
-
-def build_gallery(cfg, split_name: Optional[str], folder: Optional[str]) -> Tuple[Gallery, List[str]]:
-    """The gallery to search and the split's captions (empty for a folder gallery)."""
-    if folder is not None:
-        return gallery_from_folder(folder), []
-    from datasets import dataset_from_config
-    # The gallery's own images are checked when they are fingerprinted; checking every split's is not needed.
-    split = getattr(dataset_from_config(cfg, check_images=cfg.skip_missing_images), split_name)
-    if not split["img_paths"]:
-        raise UserError(f"{cfg.dataset_name} has no {split_name} split under {cfg.root_dir}")
-    source = f"{cfg.dataset_name}/{split_name} under {os.path.abspath(cfg.root_dir)}"
-    return gallery_from_split(split, source), split["captions"]
 
 
 def resolve_queries(queries: List[Tuple[str, object]], gallery: Gallery, captions: List[str],
@@ -118,68 +97,24 @@ def resolve_queries(queries: List[Tuple[str, object]], gallery: Gallery, caption
     return out
 
 
-# Up to this many queries are encoded on one CPU thread (see single_cpu_thread).
-FEW_QUERIES = 32
+def answer(runs: Sequence[SearchRun], queries: List[Tuple[str, object]], split_name: str, folder: Optional[str],
+           topk: int) -> Tuple[Searcher, List[ResultRow]]:
+    """Everything between the input and the printed answer: the gallery, each run's embeddings (cached), the search.
 
-
-@contextlib.contextmanager
-def single_cpu_thread(device: torch.device, enabled: bool = True) -> Iterator[None]:
-    """Run a few captions' worth of CPU work on one thread.
-
-    Intra-op parallelism does not pay for matrices this small, and on a busy machine the threads' hand-offs
-    dominate: measured here (2 cores, shared), one query took 1-3 s with 2 threads and 0.06 s with one.
+    `queries` are ("text", TEXT) or ("caption", INDEX) pairs. Returns the Searcher (its gallery, and per run
+    whether the embeddings came from the cache) and one ResultRow per query and run, query-major (the row's note
+    says whether the query's identity is known).
     """
-    if device.type != "cpu" or not enabled:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def search(model: torch.nn.Module, texts: List[str], gallery_feats: torch.Tensor, topk: int, text_length: int,
-           precision: str = "fp32") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cosine scores and gallery indices [Q, k] of the top-k images per text, best first."""
-    device = next(model.parameters()).device
-    ids = tokenize(texts, text_length, truncate=True).to(device)
-    model.eval()
-    with torch.inference_mode(), autocast(device, precision), \
-            single_cpu_thread(device, len(texts) <= FEW_QUERIES):
-        feats = model.encode_text(ids)
-    feats = F.normalize(feats.float(), dim=-1).cpu()
-    scores, index = (feats @ gallery_feats.T).topk(min(topk, gallery_feats.shape[0]), dim=1)
-    return scores, index
-
-
-def answer(run: LoadedRun, queries: List[Tuple[str, object]], split_name: str, folder: Optional[str],
-           topk: int, cache_dir: Optional[str]) -> Tuple[Gallery, List[ResultRow], bool, Optional[str]]:
-    """Everything between the input and the printed answer: the gallery, its embeddings (cached), the search.
-
-    `queries` are ("text", TEXT) or ("caption", INDEX) pairs. Returns the gallery, one ResultRow per query (the
-    row's note says whether the query's identity is known), whether the embeddings came from the cache, and the
-    cache file (None without one).
-    """
-    cfg = run.cfg
-    gallery, captions = build_gallery(cfg, split_name if folder is None else None, folder)
-    resolved = resolve_queries(queries, gallery, captions, split_name)
-    settings = {"compat": run.compat, "img_size": list(cfg.img_size), "precision": cfg.precision,
-                "batch_size": cfg.test_batch_size}
-    gallery_feats, cached, cache_file = gallery_embeddings(run.model, gallery, run.checkpoint_path, cache_dir,
-                                                           settings, cfg.num_workers)
-    scores, index = search(run.model, [text for text, _ in resolved], gallery_feats, topk, cfg.text_length,
-                           cfg.precision)
+    searcher = Searcher(runs, split_name, folder)
+    resolved = resolve_queries(queries, searcher.gallery, searcher.captions, split_name)
+    results = searcher.search([text for text, _ in resolved], topk)
     rows = []
-    for q, (text, pid) in enumerate(resolved):
-        known = pid is not None and gallery.pids is not None
-        hits = [Hit(gallery.paths[i], score, gallery.pids[i] == pid if known else None)
-                for score, i in zip(scores[q].tolist(), index[q].tolist())]
+    for (text, pid), per_run in zip(resolved, results):
         note = f"caption of id {pid}: green = same id, red = other" if pid is not None else \
             "free text: identities unknown"
-        rows.append(ResultRow(text, hits, note))
-    return gallery, rows, cached, cache_file
+        rows.extend(ResultRow(text, [Hit(hit.path, hit.score, hit.correct) for hit in hits], note, name)
+                    for name, hits in zip(searcher.names, per_run))
+    return searcher, rows
 
 
 def _log_to_stderr(logger: logging.Logger) -> None:
@@ -187,6 +122,13 @@ def _log_to_stderr(logger: logging.Logger) -> None:
     for handler in logger.handlers:
         if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
             handler.setStream(sys.stderr)
+
+
+def _embedded(searcher: Searcher) -> str:
+    """Where each run's gallery embeddings came from, for the timing line."""
+    how = ["cached embeddings" if cached else "embedded now" + (", cache written" if cache_file else "")
+           for cached, cache_file in searcher.embedded]
+    return how[0] if len(how) == 1 else "; ".join(f"{name}: {h}" for name, h in zip(searcher.names, how))
 
 
 def main(argv) -> int:
@@ -197,40 +139,43 @@ def main(argv) -> int:
         raise UserError(f"--topk must be at least 1; got {args.topk}")
     if args.gallery is not None and args.split is not None:
         raise UserError("give either --split or --gallery, not both")
+    if args.checkpoints and len(args.checkpoints) != len(args.config_files):
+        raise UserError(f"give one --checkpoint per --config_file, in the same order (got {len(args.checkpoints)} "
+                        f"for {len(args.config_files)} runs), or none")
     split_name = args.split or "test"
     logger = setup_logger()
     _log_to_stderr(logger)
     compat = overrides.pop("compat", "auto")
-    device = resolve_device(overrides.get("device", "auto"))
     load_start = time.perf_counter()
-    run = load_model(args.config_file, args.checkpoint, device=str(device), compat=compat, overrides=overrides,
-                     trusted=args.trust_checkpoint)
-    tokenize("")  # reads the BPE vocabulary: part of loading the model, not of answering
+    runs = load_runs(args.config_files, args.checkpoints, overrides.get("device", "auto"), compat, overrides,
+                     args.trust_checkpoint, args.cache_dir, args.no_cache)
     load_seconds = time.perf_counter() - load_start
-    run_dir = os.path.dirname(os.path.abspath(args.config_file))
-    cache_dir = None if args.no_cache else (args.cache_dir or os.path.join(run_dir, "cache"))
 
     # The input is known from here on: this is what the answer time measures.
     start = time.perf_counter()
-    gallery, rows, cached, cache_file = answer(run, args.queries, split_name, args.gallery, args.topk, cache_dir)
-    if args.topk > len(gallery):
-        print(f"# --topk {args.topk} is more than the gallery's {len(gallery)} images: giving all {len(gallery)}",
+    searcher, rows = answer(runs, args.queries, split_name, args.gallery, args.topk)
+    size = len(searcher.gallery)
+    if args.topk > size:
+        print(f"# --topk {args.topk} is more than the gallery's {size} images: giving all {size}",
               file=sys.stderr, flush=True)
-    for q, row in enumerate(rows):
-        print(f"# query {q + 1}: {row.query} [{row.note}]", file=sys.stderr, flush=True)
+    several = len(runs) > 1
+    for i, row in enumerate(rows):
+        if i % len(runs) == 0:
+            print(f"# query {i // len(runs) + 1}: {row.query} [{row.note}]", file=sys.stderr, flush=True)
+        prefix = f"{row.run} " if several else ""
         for rank, hit in enumerate(row.hits, start=1):
-            print(f"{rank} {hit.score:.4f} {shown_path(hit.path)}", flush=True)
-    how = "cached embeddings" if cached else "embedded now" + (", cache written" if cache_file else "")
-    print(f"# answered in {time.perf_counter() - start:.3f} s (gallery of {len(gallery)} images, {how}; "
+            print(f"{prefix}{rank} {hit.score:.4f} {shown_path(hit.path)}", flush=True)
+    print(f"# answered in {time.perf_counter() - start:.3f} s (gallery of {size} images, {_embedded(searcher)}; "
           f"model loading {load_seconds:.2f} s not counted)", file=sys.stderr, flush=True)
 
-    out = args.out or os.path.join(run_dir, "retrieval.png")
-    draw_results(rows, out)
-    queries_left, hits_left = left_out(rows)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.config_files[0])), "retrieval.png")
+    draw_results(rows, out, runs=len(runs))
+    rows_left, hits_left = left_out(rows)
     if hits_left:
-        style = Style()
-        print(f"# the picture is capped at {style.max_rows} queries x {style.max_cols} hits: "
-              + (f"{queries_left} of {len(rows)} queries and " if queries_left else "")
+        style, unit = Style(), "queries" if not several else "rows"
+        print(f"# the picture is capped at {style.max_rows} {unit} x {style.max_cols} hits"
+              + (" (a row per query and run)" if several else "") + ": "
+              + (f"{rows_left} of {len(rows)} {unit} and " if rows_left else "")
               + f"{hits_left} hits are not drawn (stdout lists them all)", file=sys.stderr, flush=True)
     logger.info("picture: %s", out)
     return 0

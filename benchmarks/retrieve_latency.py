@@ -19,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from evaluation.search import SearchRun  # noqa: E402
 from model import load_model  # noqa: E402
 from retrieve import answer  # noqa: E402
 from utils.cli import split_argv  # noqa: E402
@@ -43,12 +44,13 @@ def main(argv=None) -> None:
     cache_dir = tempfile.mkdtemp(prefix="retrieve-bench-")
     try:
         def query(cache):
-            return answer(run, [QUERY], args.split, None, 10, cache)
+            return answer([SearchRun(run.cfg.name, run, cache)], [QUERY], args.split, None, 10)
 
         uncached = [timed(lambda: query(None)) for _ in range(max(2, args.repeats // 2))]
         first = timed(lambda: query(cache_dir))  # embeds the gallery and writes the cache
         cached = [timed(lambda: query(cache_dir)) for _ in range(args.repeats)]
-        gallery, _, reused, _ = query(cache_dir)
+        searcher, _ = query(cache_dir)
+        gallery, reused = searcher.gallery, searcher.embedded[0][0]
         assert reused, "the cache was not reused"
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)

@@ -1,5 +1,6 @@
-"""retrieve.py: printed hits, the picture's layout, frames and size cap, its atomic write, and the gallery cache
-(written, reused, invalidated; tests/test_gallery_cache.py checks its integrity)."""
+"""retrieve.py: printed hits, the picture's layout, frames and size cap, its atomic write, the gallery cache
+(written, reused, invalidated; tests/test_gallery_cache.py checks its integrity). Several runs side by side:
+tests/test_retrieve_runs.py."""
 import contextlib
 import errno
 import glob

@@ -34,14 +34,25 @@ def print_help(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     parser.print_help()
     cfg = None
     try:
-        args, rest = parser.parse_known_args(argv)
-        config_file = getattr(args, "config_file", None)
-        cfg = build_config(config_file if config_file and os.path.isfile(config_file) else None,
-                           parse_overrides(list(rest)), check=False)
-    except (UserError, SystemExit) as e:
+        config_file = _values_after(argv, "--config_file")[:1]
+        imports = _values_after(argv, "--custom_imports")
+        cfg = build_config(config_file[0] if config_file and os.path.isfile(config_file[0]) else None,
+                           {"custom_imports": imports} if imports else None, check=False)
+    except UserError as e:
         print(f"\n(plug-in options not listed: {e})")
     print()
     print(describe_options(cfg))
+
+
+def _values_after(argv: Sequence[str], flag: str) -> List[str]:
+    """The tokens after the first `flag` up to the next option (the argument parser may not run: --help)."""
+    if flag not in argv:
+        return []
+    start = list(argv).index(flag) + 1
+    end = start
+    while end < len(argv) and not argv[end].startswith("--"):
+        end += 1
+    return list(argv[start:end])
 
 
 def _check_misspelt_flags(parser: argparse.ArgumentParser, rest: Sequence[str]) -> None:

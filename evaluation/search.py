@@ -1,0 +1,199 @@
+"""Text-to-image search over one gallery with one or more trained runs: what retrieve.py prints and draws, and
+what a web page calls.
+
+    from evaluation.search import Searcher, load_runs
+    runs = load_runs(["A/configs.yaml", "B/configs.yaml"], device="cpu")  # once: the models (slow)
+    searcher = Searcher(runs, split="test")        # once: the gallery, each run's embeddings (cached on disk)
+    results = searcher.search(["a woman in a red coat"], k=10)  # per request: cheap
+    for name, hits in zip(searcher.names, results[0]):  # results[query][run] = hits, best first
+        for hit in hits:
+            print(name, hit.rank, f"{hit.score:.4f}", hit.path, hit.correct)
+
+load_runs(config_files, checkpoints=None, device="auto", compat="auto", overrides=None, trusted=False,
+          cache_dir=None, no_cache=False) -> [SearchRun]
+    Loads each run (model.load_model; `overrides` are config options applied to every run) and names it: its
+    `name` option with spaces replaced by '_'; runs that share a name are named by their folder instead (see
+    shown_path), numbered '#1', '#2', ... if even that is shared. Each run caches its gallery embeddings in
+    `<its folder>/cache`, or in `cache_dir` (file names tell runs apart), or nowhere with `no_cache`.
+Searcher(runs, split="test", folder=None)
+    The gallery is the first run's `split` (of its data set under its root_dir), or every image under `folder`.
+    Every run embeds that same gallery (evaluation/gallery_cache.py: read from its cache when valid, else embedded
+    and written) and keeps the embeddings in memory, so search() reads no file.
+    Attributes: runs, names (list of str, no spaces, unique), gallery (gallery_cache.Gallery), captions (the split's
+    captions; empty for a folder), embedded (per run: (came from the cache, cache file or None)).
+Searcher.search(texts, k) -> results[query][run] = [SearchHit(rank, score, path, correct), ...]
+    The top min(k, len(gallery)) images per text and run, best first: rank from 1, cosine score (a float, exactly
+    what retrieve.py prints to 4 decimals), absolute path, and whether the image shows the query's identity
+    (None when unknown: a free-text query or a folder gallery).
+Searcher.identity(text) -> the person id when `text` is one of the split's captions (up to case and spacing).
+
+search() switches torch to one CPU thread for a few queries (see single_cpu_thread), a process-wide setting: call
+it from one thread at a time (in Gradio, a concurrency limit of 1).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from evaluation.gallery_cache import Gallery, gallery_embeddings, gallery_from_folder, gallery_from_split, \
+    normalise_caption
+from model import load_model
+from model.loading import LoadedRun
+from utils.env import autocast, resolve_device
+from utils.errors import UserError
+from utils.tokenizer import tokenize
+
+# Up to this many queries are encoded on one CPU thread (see single_cpu_thread).
+FEW_QUERIES = 32
+
+
+@dataclass(frozen=True)
+class SearchRun:
+    """A loaded run, the name it is shown by, and where its gallery embeddings are cached (None: nowhere)."""
+
+    name: str
+    loaded: LoadedRun
+    cache_dir: Optional[str]
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int  # from 1
+    score: float  # cosine similarity
+    path: str  # absolute
+    correct: Optional[bool]  # the image shows the query's identity; None when that is unknown
+
+
+def shown_path(path: str) -> str:
+    """`path` relative to the current folder when it lies below it, otherwise absolute."""
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path)
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
+def unique_names(names: Sequence[str], folders: Sequence[str]) -> List[str]:
+    """Names without spaces (stdout's columns are split on them), told apart by folder, then by number."""
+    def bare(text: str) -> str:
+        return "_".join(text.split())
+
+    out = [bare(name) or bare(shown_path(folder)) for name, folder in zip(names, folders)]
+    counts = collections.Counter(out)
+    out = [bare(shown_path(folder)) if counts[name] > 1 else name for name, folder in zip(out, folders)]
+    counts, seen = collections.Counter(out), collections.Counter()
+    for i, name in enumerate(out):
+        if counts[name] > 1:  # the same folder twice, e.g. with two checkpoints
+            seen[name] += 1
+            out[i] = f"{name}#{seen[name]}"
+    return out
+
+
+def load_runs(config_files: Sequence[str], checkpoints: Optional[Sequence[Optional[str]]] = None,
+              device: str = "auto", compat: str = "auto", overrides: Optional[dict] = None, trusted: bool = False,
+              cache_dir: Optional[str] = None, no_cache: bool = False) -> List[SearchRun]:
+    """The runs of `config_files` (checkpoint: best.pth beside each, or `checkpoints[i]`), named; see the module
+    docstring."""
+    if not config_files:
+        raise UserError("no run to search with: give at least one --config_file")
+    checkpoints = list(checkpoints or [None] * len(config_files))
+    device = str(resolve_device(device))
+    loaded = [load_model(config_file, checkpoint, device=device, compat=compat, overrides=dict(overrides or {}),
+                         trusted=trusted) for config_file, checkpoint in zip(config_files, checkpoints)]
+    tokenize("")  # reads the BPE vocabulary: part of loading, not of answering
+    folders = [os.path.dirname(os.path.abspath(config_file)) for config_file in config_files]
+    names = unique_names([run.cfg.name for run in loaded], folders)
+    return [SearchRun(name, run, None if no_cache else (cache_dir or os.path.join(folder, "cache")))
+            for name, run, folder in zip(names, loaded, folders)]
+
+
+def build_gallery(cfg, split_name: Optional[str], folder: Optional[str]) -> Tuple[Gallery, List[str]]:
+    """The gallery to search and the split's captions (empty for a folder gallery)."""
+    if folder is not None:
+        return gallery_from_folder(folder), []
+    from datasets import dataset_from_config
+    # The gallery's own images are checked when they are fingerprinted; checking every split's is not needed.
+    split = getattr(dataset_from_config(cfg, check_images=cfg.skip_missing_images), split_name)
+    if not split["img_paths"]:
+        raise UserError(f"{cfg.dataset_name} has no {split_name} split under {cfg.root_dir}")
+    source = f"{cfg.dataset_name}/{split_name} under {os.path.abspath(cfg.root_dir)}"
+    return gallery_from_split(split, source), split["captions"]
+
+
+@contextlib.contextmanager
+def single_cpu_thread(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """Run a few captions' worth of CPU work on one thread.
+
+    Intra-op parallelism does not pay for matrices this small, and on a busy machine the threads' hand-offs
+    dominate: measured here (2 cores, shared), one query took 1-3 s with 2 threads and 0.06 s with one.
+    """
+    if device.type != "cpu" or not enabled:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def top_k(model: torch.nn.Module, texts: List[str], gallery_feats: torch.Tensor, k: int, text_length: int,
+          precision: str = "fp32") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cosine scores and gallery indices [Q, k] of the top-k images per text, best first."""
+    device = next(model.parameters()).device
+    ids = tokenize(texts, text_length, truncate=True).to(device)
+    model.eval()
+    with torch.inference_mode(), autocast(device, precision), \
+            single_cpu_thread(device, len(texts) <= FEW_QUERIES):
+        feats = model.encode_text(ids)
+    feats = F.normalize(feats.float(), dim=-1).cpu()
+    return (feats @ gallery_feats.T).topk(min(k, gallery_feats.shape[0]), dim=1)
+
+
+class Searcher:
+    """One gallery, embedded by each of several runs; see the module docstring."""
+
+    def __init__(self, runs: Sequence[SearchRun], split: str = "test", folder: Optional[str] = None):
+        if not runs:
+            raise UserError("no run to search with")
+        self.runs = list(runs)
+        self.names = [run.name for run in self.runs]
+        first = self.runs[0].loaded.cfg
+        self.gallery, self.captions = build_gallery(first, split if folder is None else None, folder)
+        self._feats: List[torch.Tensor] = []
+        self.embedded: List[Tuple[bool, Optional[str]]] = []
+        for run in self.runs:
+            cfg = run.loaded.cfg
+            settings = {"compat": run.loaded.compat, "img_size": list(cfg.img_size), "precision": cfg.precision,
+                        "batch_size": cfg.test_batch_size}
+            feats, cached, cache_file = gallery_embeddings(run.loaded.model, self.gallery,
+                                                           run.loaded.checkpoint_path, run.cache_dir, settings,
+                                                           cfg.num_workers)
+            self._feats.append(feats)
+            self.embedded.append((cached, cache_file))
+
+    def identity(self, text: str) -> Optional[int]:
+        return self.gallery.query_pids.get(normalise_caption(text))
+
+    def search(self, texts: Sequence[str], k: int) -> List[List[List[SearchHit]]]:
+        if k < 1:
+            raise UserError(f"k (hits per query) must be at least 1; got {k}")
+        texts = list(texts)
+        if not texts:
+            return []
+        pids = [self.identity(text) if self.gallery.pids is not None else None for text in texts]
+        results: List[List[List[SearchHit]]] = [[] for _ in texts]
+        paths, gallery_pids = self.gallery.paths, self.gallery.pids
+        for run, feats in zip(self.runs, self._feats):
+            cfg = run.loaded.cfg
+            scores, index = top_k(run.loaded.model, texts, feats, k, cfg.text_length, cfg.precision)
+            for q, pid in enumerate(pids):
+                results[q].append([
+                    SearchHit(rank, score, paths[i], None if pid is None else gallery_pids[i] == pid)
+                    for rank, (score, i) in enumerate(zip(scores[q].tolist(), index[q].tolist()), start=1)])
+        return results
