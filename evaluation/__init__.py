@@ -1,5 +1,6 @@
 """Evaluation: embedding a split (embed.py), retrieval metrics (metrics.py), the Evaluator, the batch-independence
-audit, the gallery cache and retrieval picture of retrieve.py, and the expert-usage report.
+audit, the gallery cache and retrieval picture of retrieve.py, the expert-usage report, the summary table of
+`sh run.sh test` (summary.py) and the log of every look at a run's test split (eval_log.py).
 
 A package of its own, above model/ and datasets/ and beside the trainer, because five callers share it:
 training's validation, test.py, retrieve.py, `sh run.sh test` (tools/evaluate_runs.py) and the tools and

@@ -16,14 +16,13 @@ Exit status: 0 when every row succeeded, 1 when any failed, 2 for bad options.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
+import functools
 import logging
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,34 +36,21 @@ from evaluation.metrics import retrieval_metrics  # noqa: E402
 from model import load_model  # noqa: E402
 from model.checkpoint_compat import COMPAT_ATTENTION, COMPAT_MODES  # noqa: E402
 from model.loading import CompatibilityWarning, LoadedRun  # noqa: E402
+from evaluation.summary import METRICS, Row, csv_table, experiment_key, markdown_table, with_groups  # noqa: E402
+from evaluation.eval_log import append_evaluation, count_test_evaluations  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.config import Config, apply, parse_overrides, read_yaml  # noqa: E402
 from utils.env import resolve_device  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.files import write_atomic  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
+from utils.provenance import git_state, sha256_file  # noqa: E402
+from utils.runlock import RunLock  # noqa: E402
 
 LOGS = "logs"
-METRICS = ("R1", "R5", "R10", "mAP", "mINP")
-COLUMNS = ("run", "dataset", "compat", *METRICS, "note")
 FLAGS = ("--debug", "--trust_checkpoint")
 # The options that decide which evaluation split a run reads (its cache key).
 DATA_KEYS = ("dataset_name", "root_dir", "val_holdout_ids", "skip_missing_images", "demo_seed")
-
-
-@dataclass
-class Row:
-    """One line of the summary: a run evaluated in one compatibility mode, or the reason it could not be."""
-
-    run: str
-    dataset: str = ""
-    compat: str = ""
-    metrics: Optional[Dict[str, float]] = None
-    note: str = ""
-
-    @property
-    def failed(self) -> bool:
-        return self.metrics is None
 
 
 @dataclass
@@ -256,8 +242,35 @@ def evaluate_run(run: str, args: Arguments, cache: SplitCache, device: str,
     modes = compat_modes(loaded, requested)
     logger.info("evaluating %s on %s (compat %s)", label, cfg.dataset_name, " and ".join(modes))
     results = evaluate_modes(loaded.model, modes, build_eval_loaders(cfg, split), cfg.precision, label)
-    return [Row(label, cfg.dataset_name, mode, {k: float(results[mode][k]) for k in METRICS},
-                mode_note(mode, cfg, results[mode])) for mode in modes]
+    experiment, checkpoint = experiment_key(cfg.to_dict()), sha256_file(loaded.checkpoint_path)
+    rows = [Row(label, cfg.dataset_name, mode, {k: float(results[mode][k]) for k in METRICS},
+                mode_note(mode, cfg, results[mode]), commit=code_version(), checkpoint=checkpoint[:12],
+                experiment=experiment, name=cfg.name) for mode in modes]
+    tested = log_evaluations(os.path.dirname(os.path.abspath(config_file)), checkpoint, rows, logger)
+    for row in rows:
+        row.tested = tested
+    return rows
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The project's commit (12 characters) that evaluates, '+dirty' when the checkout has uncommitted files."""
+    commit, dirty = git_state()
+    return "" if commit is None else commit[:12] + ("+dirty" if dirty else "")
+
+
+def log_evaluations(run_dir: str, checkpoint_sha256: str, rows: Sequence[Row], logger: logging.Logger) -> int:
+    """Append the rows' results to the run's test_log.jsonl (under its lock) and return how many evaluations of its
+    test split it records. A folder that cannot be written now (read-only, or another process writing it) keeps
+    its log as it is, with a warning: the evaluation itself still counts for the summary."""
+    try:
+        with RunLock(run_dir, "sh run.sh test"):
+            for row in rows:
+                append_evaluation(run_dir, kind="test", checkpoint_sha256=checkpoint_sha256, compat=row.compat,
+                                  results={"t2i": row.metrics}, via="sh run.sh test", commit=row.commit)
+    except UserError as e:
+        logger.warning("%s: this evaluation is not recorded in its test_log.jsonl (%s)", run_dir, e)
+    return count_test_evaluations(run_dir)
 
 
 def failed_row(run: str, args: Arguments, message: str) -> Row:
@@ -268,30 +281,6 @@ def failed_row(run: str, args: Arguments, message: str) -> Row:
     except UserError:
         pass
     return Row(run_label(run), dataset, str(args.overrides.get("compat", "auto")), None, f"error: {message}")
-
-
-def _cells(row: Row, digits: int, missing: str) -> List[str]:
-    values = [f"{row.metrics[k]:.{digits}f}" for k in METRICS] if row.metrics else [missing] * len(METRICS)
-    return [row.run, row.dataset, row.compat, *values, row.note]
-
-
-def markdown_table(rows: Sequence[Row]) -> str:
-    """The summary as a GitHub-flavoured markdown table (two decimals, '-' for a failed row's metrics)."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if c in METRICS else "---" for c in COLUMNS)
-             + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row, 2, "-")) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def csv_table(rows: Sequence[Row]) -> str:
-    """The summary as CSV with a header row (four decimals, empty metrics for a failed row)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow(_cells(row, 4, ""))
-    return out.getvalue()
 
 
 def write_text(path: str, text: str) -> None:
@@ -325,6 +314,9 @@ def evaluate_all(args: Arguments, logger: logging.Logger) -> List[Row]:
 
 def main(argv: Sequence[str]) -> int:
     """Evaluate, print and write the summary; 1 if any row failed."""
+    if "--cross" in argv:
+        from tools import cross_domain  # imported here: it builds on this module
+        return cross_domain.main(argv)
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         return 0
@@ -334,12 +326,13 @@ def main(argv: Sequence[str]) -> int:
         # Every run evaluated in php_v1 mode warns, not only the first one (Python shows a warning once per line).
         warnings.simplefilter("always", CompatibilityWarning)
         rows = evaluate_all(args, logger)
+    rows = with_groups(rows)
     table = markdown_table(rows)
     print(table, end="")
     md_path, csv_path = os.path.join(LOGS, "summary.md"), os.path.join(LOGS, "summary.csv")
     write_text(md_path, table)
     write_text(csv_path, csv_table(rows))
-    failed = sum(row.failed for row in rows)
+    failed = sum(isinstance(row, Row) and row.failed for row in rows)
     logger.info("summary written to %s and %s%s", md_path, csv_path,
                 f"; {failed} of {len(rows)} rows failed" if failed else "")
     return 1 if failed else 0

@@ -1,0 +1,304 @@
+"""The cross-domain matrix: `sh run.sh test --cross [RUN_DIR ...] [--root_dir DIR] [--cross_datasets FILE ...]
+[--key value ...]`.
+
+Every run (the run folders named, or every folder under ./logs holding configs.yaml and best.pth) is evaluated on
+the test split of every registered data set whose folder exists under `--root_dir` (default ./data; nothing is
+generated there), and on each annotation file given with `--cross_datasets` (`dataset_name: custom`, a JSON list
+or a CSV, see datasets/custom.py; the column is named by the file name without extension). `--cross_datasets`
+takes the tokens after it up to the next option, folder or .yaml file, and may be repeated.
+
+Each run is loaded once and evaluated with its own settings (img_size, text_length, test_batch_size, precision);
+each test set is parsed once for all runs. Embeddings are batch-independent (compat none) unless `--compat` says
+otherwise. Other `--key value` options apply to every run, as in `sh run.sh test`.
+
+Written to ./logs/cross_domain.md (runs x test sets, R1 with the in-domain cell in bold, printed too) and
+./logs/cross_domain.csv (one row per run and test set: run, trained_on, test_set, R1, R5, R10, mAP, mINP,
+in_domain). A run that cannot be evaluated on a set gets an empty cell and a note saying why; the others still
+run. Exit status: 0 when every cell was filled, 1 when any failed, 2 for bad options.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools import evaluate_runs  # noqa: E402
+from datasets import DATASETS, dataset_from_config, found_under  # noqa: E402
+from datasets.loaders import build_eval_loaders  # noqa: E402
+from evaluation.metrics import METRIC_KEYS as METRICS  # noqa: E402
+from model import load_model  # noqa: E402
+from model.loading import CompatibilityWarning, LoadedRun  # noqa: E402
+from utils.cli import run_main  # noqa: E402
+from utils.config import Config, apply, read_yaml  # noqa: E402
+from utils.env import resolve_device  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.logger import setup_logger  # noqa: E402
+
+MD_PATH = os.path.join(evaluate_runs.LOGS, "cross_domain.md")
+CSV_PATH = os.path.join(evaluate_runs.LOGS, "cross_domain.csv")
+CSV_COLUMNS = ("run", "trained_on", "test_set", *METRICS, "in_domain")
+# The test sets come from --root_dir and --cross_datasets; one named on the command line would be ignored.
+REFUSED = ("dataset_name", "annotation_file", "demo_seed")
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """One column of the matrix: a registered data set under the data root, or an annotation file."""
+
+    name: str
+    dataset_name: str
+    annotation_file: str = ""  # absolute, for `custom`
+
+
+@dataclass
+class RunResult:
+    """One row of the matrix: a run, the set it was trained on and its metrics per test set (None: failed)."""
+
+    label: str
+    trained_on: str = ""
+    dataset_name: str = ""
+    annotation_file: str = ""
+    compat: str = ""
+    cells: Dict[str, Optional[Dict[str, float]]] = field(default_factory=dict)
+
+    def in_domain(self, test_set: TestSet) -> bool:
+        if self.dataset_name != test_set.dataset_name:
+            return False
+        # Every custom set is `custom`: only the same annotation file makes it the training data.
+        return test_set.dataset_name != "custom" or (os.path.isfile(self.annotation_file) and
+                                                     os.path.samefile(self.annotation_file, test_set.annotation_file))
+
+
+def is_annotation_token(token: str) -> bool:
+    return not token.startswith("--") and not os.path.isdir(token) and not token.lower().endswith((".yaml", ".yml"))
+
+
+def split_cross_options(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(argv without --cross and --cross_datasets, the annotation files of --cross_datasets)."""
+    pending = list(argv)
+    rest: List[str] = []
+    files: List[str] = []
+    while pending:
+        token = pending.pop(0)
+        if token == "--cross_datasets":
+            taken = list(itertools.takewhile(is_annotation_token, pending))
+            if not taken:
+                raise UserError("--cross_datasets needs at least one annotation file (a JSON list or a CSV, "
+                                "see datasets/custom.py)")
+            files += taken
+            del pending[:len(taken)]
+        elif token.startswith("--cross_datasets="):
+            files.append(token.split("=", 1)[1])
+        elif token != "--cross":
+            rest.append(token)
+    return rest, files
+
+
+def find_test_sets(root_dir: str, files: Sequence[str]) -> List[TestSet]:
+    """The registered data sets found under `root_dir`, then the annotation files, each checked to exist."""
+    for path in files:
+        if not os.path.isfile(path):
+            raise UserError(f"--cross_datasets: annotation file {path} does not exist (expected a JSON list or a CSV "
+                            f"of image path, person id, caption and split; see datasets/custom.py)")
+    sets = [TestSet(name, name) for name in found_under(root_dir)]
+    sets += [TestSet(os.path.splitext(os.path.basename(p))[0], "custom", os.path.abspath(p)) for p in files]
+    if not sets:
+        folders = [spec.layout.folder for spec in DATASETS.values() if spec.layout is not None]
+        raise UserError(f"--cross: no data set found under {os.path.abspath(root_dir)} (looked for the folders "
+                        f"{', '.join(folders)}, each with imgs/ and its annotation file); point --root_dir at the "
+                        f"data or name annotation files with --cross_datasets")
+    seen: Dict[str, TestSet] = {}
+    for test_set in sets:
+        other = seen.setdefault(test_set.name, test_set)
+        if other is not test_set:
+            raise UserError(f"--cross_datasets: two test sets would be named {test_set.name!r} "
+                            f"({other.annotation_file or other.dataset_name} and {test_set.annotation_file}); "
+                            f"rename one of the files")
+    return sets
+
+
+def failure(error: Exception, debug: bool) -> str:
+    """The one line that explains a failed cell (re-raised with --debug, for its traceback)."""
+    if debug:
+        raise error
+    if isinstance(error, UserError):
+        return str(error)
+    return f"unexpected {type(error).__name__}: {(str(error).splitlines() or [''])[0]} (rerun with --debug)"
+
+
+class CrossEvaluation:
+    """Fills the matrix run by run, parsing each test set the first time a run needs it."""
+
+    def __init__(self, args: evaluate_runs.Arguments, root_dir: str, skip_missing_images: bool,
+                 logger: logging.Logger):
+        self.args = args
+        self.root_dir = root_dir
+        self.skip_missing_images = skip_missing_images
+        self.logger = logger
+        self.debug = "--debug" in args.flags
+        self.device = str(resolve_device(str(args.overrides.get("device", "auto"))))
+        self.splits: Dict[TestSet, Union[dict, str]] = {}  # a set that cannot be parsed: the reason
+        self.notes: List[str] = []
+
+    def note(self, line: str) -> None:
+        self.logger.error("%s", line)
+        self.notes.append(line)
+
+    def test_split(self, test_set: TestSet, cfg: Config) -> Optional[dict]:
+        """The test split of `test_set` (None, noted once, when it cannot be parsed)."""
+        if test_set not in self.splits:
+            # The run's config carries its plug-ins' options; the data options are the test set's own.
+            data_cfg = cfg.copy(dataset_name=test_set.dataset_name, root_dir=self.root_dir,
+                                annotation_file=test_set.annotation_file, demo_seed=0, val_holdout_ids=0,
+                                skip_missing_images=self.skip_missing_images)
+            try:
+                split = dataset_from_config(data_cfg).test
+                if not split["captions"]:
+                    raise UserError(f"{test_set.annotation_file or self.root_dir} has no test split")
+                self.splits[test_set] = split
+            except Exception as e:  # noqa: BLE001 - a set that cannot be read leaves the other sets to run
+                self.splits[test_set] = failure(e, self.debug)
+                self.note(f"{test_set.name}: {self.splits[test_set]}")
+        split = self.splits[test_set]
+        return None if isinstance(split, str) else split
+
+    def load(self, run: str, requested: str) -> LoadedRun:
+        overrides = {k: v for k, v in self.args.overrides.items() if k != "compat"}
+        loaded = load_model(evaluate_runs.config_path(run), device=self.device, compat=requested,
+                            overrides=overrides, trusted="--trust_checkpoint" in self.args.flags)
+        if "num_workers" not in overrides:
+            # Published configs carry their authors' worker count (8); more workers than cores only adds start-up.
+            loaded.cfg.num_workers = min(loaded.cfg.num_workers, evaluate_runs.available_cpus())
+        return loaded
+
+    def evaluate(self, run: str, test_sets: Sequence[TestSet], requested: str) -> RunResult:
+        """The row of one run; each cell that fails is None, with a note."""
+        result = RunResult(evaluate_runs.run_label(run), cells={s.name: None for s in test_sets})
+        try:
+            loaded = self.load(run, requested)
+        except Exception as e:  # noqa: BLE001 - one broken run must not stop the others
+            self.note(f"{result.label}: {failure(e, self.debug)}")
+            set_training_data(result, read_training_data(run))
+            return result
+        cfg = loaded.cfg
+        set_training_data(result, (cfg.dataset_name, cfg.annotation_file))
+        result.compat = loaded.compat
+        for test_set in test_sets:
+            split = self.test_split(test_set, cfg)
+            if split is None:
+                continue
+            self.logger.info("evaluating %s on %s (compat %s)", result.label, test_set.name, loaded.compat)
+            try:
+                metrics = evaluate_runs.evaluate_modes(loaded.model, [loaded.compat], build_eval_loaders(cfg, split),
+                                                       cfg.precision, f"{result.label} on {test_set.name}")
+                result.cells[test_set.name] = {k: float(metrics[loaded.compat][k]) for k in METRICS}
+            except Exception as e:  # noqa: BLE001 - the run's other test sets still run
+                self.note(f"{result.label} on {test_set.name}: {failure(e, self.debug)}")
+        return result
+
+
+def read_training_data(run: str) -> Tuple[str, str]:
+    """(dataset_name, annotation_file) of a run that could not be loaded, as far as its config says."""
+    try:
+        raw = read_yaml(evaluate_runs.config_path(run))
+    except UserError:
+        return "", ""
+    return str(raw.get("dataset_name") or ""), str(raw.get("annotation_file") or "")
+
+
+def set_training_data(result: RunResult, data: Tuple[str, str]) -> None:
+    result.dataset_name, result.annotation_file = data
+    # A custom set is named by its file, as its column is.
+    stem = os.path.splitext(os.path.basename(result.annotation_file))[0]
+    result.trained_on = stem if result.dataset_name == "custom" and stem else result.dataset_name
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown_matrix(results: Sequence[RunResult], test_sets: Sequence[TestSet], root_dir: str,
+                    notes: Sequence[str]) -> str:
+    """Runs x test sets, R1 with two decimals, the in-domain cell in bold; then the legend and the notes."""
+    lines = ["| run | trained on | " + " | ".join(_escape(s.name) for s in test_sets) + " |",
+             "|---|---|" + "---:|" * len(test_sets)]
+    for result in results:
+        cells = []
+        for test_set in test_sets:
+            metrics = result.cells[test_set.name]
+            value = "" if metrics is None else f"{metrics['R1']:.2f}"
+            cells.append(f"**{value}**" if value and result.in_domain(test_set) else value)
+        lines.append(f"| {_escape(result.label)} | {_escape(result.trained_on)} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: text-to-image R1 (%) on each set's test split; **bold**: in-domain (the set the run was "
+                  f"trained on). R5, R10, mAP and mINP: {CSV_PATH}."]
+    found = [s.name for s in test_sets if not s.annotation_file]
+    files = [f"{s.name} = {s.annotation_file}" for s in test_sets if s.annotation_file]
+    where = [f"{', '.join(found)} under {os.path.abspath(root_dir)}"] if found else []
+    lines.append("Test sets: " + "; ".join(where + files) + ".")
+    batch_dependent = [r.label for r in results if r.compat == "php_v1"]
+    lines.append("Embeddings: batch-independent (compat none) for every run." if not batch_dependent else
+                 "Embeddings: batch-dependent (compat php_v1, SPEC 8) for " + ", ".join(batch_dependent) +
+                 "; batch-independent (compat none) for the others.")
+    if notes:
+        lines += ["", "Notes (empty cells):"] + [f"- {_escape(n)}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def csv_long(results: Sequence[RunResult], test_sets: Sequence[TestSet]) -> str:
+    """One row per (run, test set), four decimals, empty metrics where the cell failed."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for result in results:
+        for test_set in test_sets:
+            metrics = result.cells[test_set.name]
+            values = [f"{metrics[k]:.4f}" for k in METRICS] if metrics else [""] * len(METRICS)
+            writer.writerow([result.label, result.trained_on, test_set.name, *values,
+                             str(result.in_domain(test_set)).lower()])
+    return out.getvalue()
+
+
+def main(argv: Sequence[str]) -> int:
+    """Evaluate every run on every test set, print and write the matrix; 1 if any cell failed."""
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    rest, files = split_cross_options(argv)
+    args = evaluate_runs.parse_arguments(rest)
+    refused = [k for k in REFUSED if k in args.overrides]
+    if refused:
+        raise UserError(f"--cross: --{refused[0]} does not apply; the test sets are the data sets under --root_dir "
+                        f"and the annotation files of --cross_datasets")
+    options = apply(Config(), args.overrides, "command line")
+    test_sets = find_test_sets(options.root_dir, files)
+    runs = args.runs or evaluate_runs.discover_runs()
+    if not runs:
+        raise UserError(f"no run folders under ./{evaluate_runs.LOGS} (folders holding configs.yaml and best.pth); "
+                        f"name run folders on the command line")
+    logger = setup_logger()
+    evaluation = CrossEvaluation(args, options.root_dir, options.skip_missing_images, logger)
+    requested = str(args.overrides.get("compat", "none"))
+    with warnings.catch_warnings():
+        # Every run evaluated in php_v1 mode warns, not only the first one (Python shows a warning once per line).
+        warnings.simplefilter("always", CompatibilityWarning)
+        results = [evaluation.evaluate(run, test_sets, requested) for run in runs]
+    matrix = markdown_matrix(results, test_sets, options.root_dir, evaluation.notes)
+    print(matrix, end="")
+    evaluate_runs.write_text(MD_PATH, matrix)
+    evaluate_runs.write_text(CSV_PATH, csv_long(results, test_sets))
+    failed = sum(metrics is None for r in results for metrics in r.cells.values())
+    logger.info("cross-domain matrix written to %s and %s%s", MD_PATH, CSV_PATH,
+                f"; {failed} of {len(results) * len(test_sets)} cells failed" if failed else "")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_main(main)
