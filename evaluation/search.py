@@ -20,15 +20,16 @@ Searcher(runs, split="test", folder=None)
     Every run embeds that same gallery (evaluation/gallery_cache.py: read from its cache when valid, else embedded
     and written) and keeps the embeddings in memory, so search() reads no file.
     Attributes: runs, names (list of str, no spaces, unique), gallery (gallery_cache.Gallery), captions (the split's
-    captions; empty for a folder), embedded (per run: (came from the cache, cache file or None)).
+    captions; empty for a folder), caption_image (each caption's image, an index into gallery.paths), embedded (per
+    run: (came from the cache, cache file or None)).
 Searcher.search(texts, k) -> results[query][run] = [SearchHit(rank, score, path, correct), ...]
     The top min(k, len(gallery)) images per text and run, best first: rank from 1, cosine score (a float, exactly
     what retrieve.py prints to 4 decimals), absolute path, and whether the image shows the query's identity
     (None when unknown: a free-text query or a folder gallery).
 Searcher.identity(text) -> the person id when `text` is one of the split's captions (up to case and spacing).
 
-search() switches torch to one CPU thread for a few queries (see single_cpu_thread), a process-wide setting: call
-it from one thread at a time (in Gradio, a concurrency limit of 1).
+search() encodes one query at a time on one CPU thread (see single_cpu_thread and top_k), a process-wide setting:
+call it from one thread at a time (in Gradio, a concurrency limit of 1).
 """
 from __future__ import annotations
 
@@ -49,8 +50,6 @@ from utils.env import autocast, resolve_device
 from utils.errors import UserError
 from utils.tokenizer import tokenize
 
-# Up to this many queries are encoded on one CPU thread (see single_cpu_thread).
-FEW_QUERIES = 32
 
 
 @dataclass(frozen=True)
@@ -111,27 +110,28 @@ def load_runs(config_files: Sequence[str], checkpoints: Optional[Sequence[Option
             for name, run, folder in zip(names, loaded, folders)]
 
 
-def build_gallery(cfg, split_name: Optional[str], folder: Optional[str]) -> Tuple[Gallery, List[str]]:
-    """The gallery to search and the split's captions (empty for a folder gallery)."""
+def build_gallery(cfg, split_name: Optional[str], folder: Optional[str]) -> Tuple[Gallery, List[str], List[int]]:
+    """The gallery to search, the split's captions and each caption's image (its index in the gallery); both empty
+    for a folder gallery."""
     if folder is not None:
-        return gallery_from_folder(folder), []
+        return gallery_from_folder(folder), [], []
     from datasets import dataset_from_config
     # The gallery's own images are checked when they are fingerprinted; checking every split's is not needed.
     split = getattr(dataset_from_config(cfg, check_images=cfg.skip_missing_images), split_name)
     if not split["img_paths"]:
         raise UserError(f"{cfg.dataset_name} has no {split_name} split under {cfg.root_dir}")
     source = f"{cfg.dataset_name}/{split_name} under {os.path.abspath(cfg.root_dir)}"
-    return gallery_from_split(split, source), split["captions"]
+    return gallery_from_split(split, source), split["captions"], split["caption_img_index"]
 
 
 @contextlib.contextmanager
-def single_cpu_thread(device: torch.device, enabled: bool = True) -> Iterator[None]:
-    """Run a few captions' worth of CPU work on one thread.
+def single_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run one caption's worth of CPU work at a time on one thread.
 
     Intra-op parallelism does not pay for matrices this small, and on a busy machine the threads' hand-offs
     dominate: measured here (2 cores, shared), one query took 1-3 s with 2 threads and 0.06 s with one.
     """
-    if device.type != "cpu" or not enabled:
+    if device.type != "cpu":
         yield
         return
     threads = torch.get_num_threads()
@@ -148,9 +148,10 @@ def top_k(model: torch.nn.Module, texts: List[str], gallery_feats: torch.Tensor,
     device = next(model.parameters()).device
     ids = tokenize(texts, text_length, truncate=True).to(device)
     model.eval()
-    with torch.inference_mode(), autocast(device, precision), \
-            single_cpu_thread(device, len(texts) <= FEW_QUERIES):
-        feats = model.encode_text(ids)
+    # One text at a time: in bf16 / fp16 the kernels' rounding depends on how many rows a product has, and a
+    # query's scores must not depend on the queries asked with it (retrieve.py and the web page agree to 1e-4).
+    with torch.inference_mode(), autocast(device, precision), single_cpu_thread(device):
+        feats = torch.cat([model.encode_text(ids[i:i + 1]) for i in range(len(texts))])
     feats = F.normalize(feats.float(), dim=-1).cpu()
     return (feats @ gallery_feats.T).topk(min(k, gallery_feats.shape[0]), dim=1)
 
@@ -164,7 +165,8 @@ class Searcher:
         self.runs = list(runs)
         self.names = [run.name for run in self.runs]
         first = self.runs[0].loaded.cfg
-        self.gallery, self.captions = build_gallery(first, split if folder is None else None, folder)
+        self.gallery, self.captions, self.caption_image = build_gallery(first, split if folder is None else None,
+                                                                        folder)
         self._feats: List[torch.Tensor] = []
         self.embedded: List[Tuple[bool, Optional[str]]] = []
         for run in self.runs:
