@@ -13,7 +13,6 @@ import torch
 from datasets import dataset_from_config
 from datasets.loaders import build_eval_loaders, build_train_loader
 from model import build_model
-from model.backbone import compile_blocks
 from evaluation.evaluator import Evaluator
 from processor.trainer import Trainer
 from utils import distributed as dist_utils
@@ -142,8 +141,6 @@ def run_training(cfg, rank: int, world_size: int, local_rank: int, config_file: 
     model = build_model(cfg, dataset.num_classes).to(device)
     if cfg.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
-    if cfg.torch_compile:
-        compile_blocks(model.backbone)
     if world_size > 1 and cfg.gather_features:
         dist_utils.use_global_batch(model, world_size)
     if rank == 0:

@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model import build_model  # noqa: E402
-from model.backbone import ARCHITECTURES, build_clip, compile_blocks  # noqa: E402
+from model.backbone import ARCHITECTURES, build_clip  # noqa: E402
 from processor.trainer import Trainer  # noqa: E402
 from utils.config import build_config  # noqa: E402
 
@@ -139,13 +139,10 @@ def run_mode(args: argparse.Namespace) -> dict:
         record["flops_per_sample"] = count_flops(model, batch)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-    trainer = Trainer(cfg, model, device=device)
     if mode == "compile":
         record["compile_scope"] = args.compile_scope
-        if args.compile_scope == "model":
-            trainer.model = torch.compile(model)
-        else:
-            compile_blocks(model.backbone)
+        cfg.torch_compile = {"model": "full"}.get(args.compile_scope, args.compile_scope)
+    trainer = Trainer(cfg, model, device=device)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         trainer.train_step(batch)

@@ -37,15 +37,23 @@ class Expert(nn.Module):
 
 
 def load_balancing_loss(logits: torch.Tensor, chosen: torch.Tensor,
-                        reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+                        reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                        weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """E * mean_e(p_e * f_e) for gate logits [T, E] and the boolean top-k choice [T, E].
 
-    `reduce` sums the per-expert sums and the token count over processes (see utils/distributed.py), so that
-    p and f are the means over the global batch rather than this process's share of it.
+    `weight` [T] (1 = the token counts, 0 = it does not, e.g. text padding) restricts p, f and the token count to
+    the counted tokens; a mask rather than indexing keeps every shape independent of the data, which graph
+    capture (CUDA graphs) needs. `reduce` sums the per-expert sums and the token count over processes (see
+    utils/distributed.py), so that p and f are the means over the global batch rather than this process's share.
     """
     num_experts = logits.shape[-1]
-    stats = torch.cat([logits.float().softmax(dim=-1).sum(dim=0), chosen.float().sum(dim=0),
-                       logits.new_full((1,), logits.shape[0], dtype=torch.float32)])
+    probs, picked = logits.float().softmax(dim=-1), chosen.float()
+    if weight is None:
+        count = logits.new_full((1,), logits.shape[0], dtype=torch.float32)
+    else:
+        weight = weight.float().unsqueeze(-1)
+        probs, picked, count = probs * weight, picked * weight, weight.sum().reshape(1)
+    stats = torch.cat([probs.sum(dim=0), picked.sum(dim=0), count])
     if reduce is not None:
         stats = reduce(stats)
     p, f, count = stats[:num_experts], stats[num_experts:2 * num_experts], stats[-1].clamp(min=1)
@@ -111,8 +119,7 @@ class MoE(nn.Module):
         deltas = self.expert_deltas(tokens)
         out = tokens * gates.sum(dim=-1, keepdim=True) + torch.einsum("te,etd->td", gates, deltas.to(gates.dtype))
         chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_index, True)
-        if valid is not None:
-            keep = valid.reshape(-1)
-            logits, chosen = logits[keep], chosen[keep]
-        aux = load_balancing_loss(logits, chosen, self.reduce_stats if self.training else None)
-        return out.reshape(shape), aux, chosen.sum(dim=0)
+        weight = None if valid is None else valid.reshape(-1)
+        aux = load_balancing_loss(logits, chosen, self.reduce_stats if self.training else None, weight)
+        counts = chosen.sum(dim=0) if weight is None else (chosen & weight.unsqueeze(-1)).sum(dim=0)
+        return out.reshape(shape), aux, counts

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from datasets.loaders import per_process_batch_size, set_loader_epoch
+from model.backbone import compile_blocks
 from solver import build_lr_scheduler, build_optimizer, describe_param_groups
 from utils import distributed as dist_utils
 from utils.checkpoint import save_checkpoint
@@ -60,8 +61,9 @@ class Trainer:
         # Per epoch, not per run: a run resumed on other code or data shows from which epoch on.
         self.provenance = dict(provenance or {})
         self.module = model
-        # What runs the forward: the module itself, its DDP wrapper, or (benchmarks) a compiled module.
-        self.model = dist_utils.wrap_model(model, device) if world_size > 1 else model
+        # What runs the training forward: the module itself, its DDP wrapper, compiled as torch_compile says.
+        self.model = compile_for_training(dist_utils.wrap_model(model, device) if world_size > 1 else model,
+                                          model, cfg.torch_compile, device)
         self.optimizer = build_optimizer(cfg, model)
         self.skips_on_device = getattr(self.optimizer, "_step_supports_amp_scaling", False)
         self.scheduler = build_lr_scheduler(cfg, self.optimizer)
@@ -183,6 +185,10 @@ class Trainer:
         terms first), float32, averaged over processes. When the sum of the terms is not finite, no weight and no
         optimizer state changes."""
         cfg = self.cfg
+        if cfg.torch_compile == "full" and self.device.type == "cuda":
+            # The captured graph's outputs of the previous step may be overwritten from here on (this step only
+            # keeps its own values, copied out by torch.stack below).
+            torch.compiler.cudagraph_mark_step_begin()
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast(self.device, cfg.precision):
             out = self.model(batch)
@@ -265,6 +271,20 @@ class Trainer:
             for k in ("R1", "R5", "R10", "mAP", "mINP"):
                 self.writer.scalar(f"val/{k}", results["t2i"][k], epoch)
         return results
+
+
+def compile_for_training(forward: torch.nn.Module, model: torch.nn.Module, mode: str,
+                         device: torch.device) -> torch.nn.Module:
+    """What the training step calls, as `torch_compile` says: `forward` itself ('none'), with each backbone block of
+    `model` compiled in place ('blocks'), or compiled whole ('full': on CUDA as CUDA graphs, so that the host
+    launches the step's few thousand kernels as one replay instead of one by one). `model`'s parameters, and so
+    checkpoints, keep their names; evaluation uses `model` uncompiled."""
+    if mode == "blocks":
+        compile_blocks(model.backbone)
+    elif mode == "full":
+        # dynamic=False: the training batch keeps its shape (drop_last, fixed text length), one graph serves.
+        return torch.compile(forward, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+    return forward
 
 
 class RunningMeans:

@@ -71,8 +71,9 @@ def test_torch_compile_run_trains_evaluates_and_keeps_checkpoint_names(smoke_run
         real_compile_blocks(clip)
         compiled.extend(residual_blocks(clip))
 
-    real_compile_blocks = train.compile_blocks
-    monkeypatch.setattr(train, "compile_blocks", record)
+    from processor import trainer
+    real_compile_blocks = trainer.compile_blocks
+    monkeypatch.setattr(trainer, "compile_blocks", record)
     with pytest.raises(SystemExit) as done:
         run_main(train.main, ["--config_file", SMOKE_CONFIG, "--root_dir", demo_root, "--output_dir", str(tmp_path),
                               "--torch_compile", "--num_epoch", "1", "--warmup_epochs", "0", "--precision", "bf16"])

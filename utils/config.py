@@ -134,7 +134,8 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
     if hint is str:
         if value is None or isinstance(value, (dict, list)):
             fail("a string")
-        return str(value)
+        value = str(value)
+        return (opt.aliases or {}).get(value.lower(), value)
     return value
 
 

@@ -32,12 +32,15 @@ class Option:
     minimum: Optional[float] = None
     positive: bool = False
     owner: str = "core"  # the plug-in that declared it
+    aliases: Optional[Dict[str, Any]] = None  # values of earlier versions (as written in YAML) -> today's
 
 
 def _opt(default, help: str, choices: Iterable | None = None, minimum: float | None = None,
-         positive: bool = False):
-    """A schema field: its default, help text, allowed values, and lower bound (`minimum`, or > 0 if `positive`)."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "positive": positive}
+         positive: bool = False, aliases: Optional[Dict[str, Any]] = None):
+    """A schema field: its default, help text, allowed values, lower bound (`minimum`, or > 0 if `positive`), and
+    `aliases`, the values an earlier version wrote (keys as lower-case strings) with what they mean now."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "positive": positive,
+            "aliases": aliases}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -81,9 +84,12 @@ class Config:
     skip_nonfinite_steps: int = _opt(0, "Tolerate up to this many steps with a non-finite loss (skipped) "
                                         "before stopping the run.", minimum=0)
     grad_checkpointing: bool = _opt(False, "Recompute backbone activations in backward to save memory.")
-    torch_compile: bool = _opt(False, "torch.compile each transformer block of the backbone (regional "
-                                      "compilation: seconds, not minutes). Fewer, fused kernels; the first "
-                                      "steps and the first evaluation wait for the compiler.")
+    torch_compile: str = _opt("none", "torch.compile for training: 'blocks' compiles each transformer block of the "
+                                      "backbone in place (regional: seconds, not minutes; fewer, fused kernels); "
+                                      "'full' the whole training forward and backward, as CUDA graphs on a GPU "
+                                      "(mode reduce-overhead: the step's thousands of kernel launches replayed "
+                                      "at once), fused kernels on the CPU; evaluation runs uncompiled.",
+                              ("none", "blocks", "full"), aliases={"true": "blocks", "false": "none"})
     max_grad_norm: float = _opt(0.0, "Clip the gradient norm to this value; 0 disables clipping.", minimum=0)
     gather_features: bool = _opt(True, "With several processes, the batch-level losses (itc, sdm, cmpm, the "
                                        "MoE balancing loss) see the global batch, gathered from every process, "
@@ -223,7 +229,7 @@ _HINTS = typing.get_type_hints(Config)
 CORE: Dict[str, Option] = {
     f.name: Option(f.name, _HINTS[f.name], f.default_factory() if f.default_factory is not dataclasses.MISSING
                    else f.default, f.metadata["help"], f.metadata["choices"], f.metadata["minimum"],
-                   f.metadata["positive"])
+                   f.metadata["positive"], aliases=f.metadata["aliases"])
     for f in dataclasses.fields(Config)}
 PLUGIN_OPTIONS: Dict[str, Option] = {}
 
