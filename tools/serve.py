@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Before anything imports gradio: without analytics Gradio also skips its version check against the network.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-import evaluate_runs  # noqa: E402
+from tools import evaluate_runs  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.errors import UserError, short_repr  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
