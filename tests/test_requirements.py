@@ -17,10 +17,7 @@ REQUIREMENTS = os.path.join(ROOT, "requirements.txt")
 NOT_CODE = {"data", "logs", "pretrained", "benchmark_out"}
 
 # Import name -> distribution name, where the two differ.
-DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "open_clip": "open_clip_torch",
-                 # Gradio's own server stack, which tools/serve.py builds on: its versions are the ones gradio's pin
-                 # requires, so requirements.txt names gradio alone.
-                 "fastapi": "gradio", "uvicorn": "gradio"}
+DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "open_clip": "open_clip_torch"}
 # Modules of one distribution that import another one it does not depend on.
 NEEDS_MORE = {"torch.utils.tensorboard": "tensorboard"}
 
