@@ -18,11 +18,11 @@ from datasets import dataset_from_config
 from datasets.loaders import build_eval_loaders
 from evaluation.evaluator import Evaluator
 from evaluation.eval_log import append_evaluation
+from evaluation.metrics import METRIC_KEYS
 from model import load_model
 from model.loading import LoadedRun
 from utils.cli import run_main, split_argv
 from utils.env import resolve_device
-from utils.errors import UserError
 from utils.files import write_atomic
 from utils.logger import setup_logger
 from utils.provenance import evaluation_provenance
@@ -66,10 +66,7 @@ def write_results(path: str, updates: dict, keep: Optional[Sequence[str]] = None
 def load_split(cfg, split_name: str) -> Tuple[dict, Optional[str]]:
     """The split to evaluate and the annotation file it came from (None when it came from no file)."""
     dataset = dataset_from_config(cfg)
-    split = getattr(dataset, split_name)
-    if not split["captions"]:
-        raise UserError(f"{cfg.dataset_name} has no {split_name} split under {cfg.root_dir}")
-    return split, dataset.annotation_file
+    return dataset.split(split_name), dataset.annotation_file
 
 
 def main(argv) -> int:
@@ -121,12 +118,12 @@ def evaluate(run: LoadedRun, split: dict, args, run_dir: str, annotation_file: O
     evaluator = Evaluator(*build_eval_loaders(cfg, split), precision=cfg.precision)
     results, table = evaluator.evaluate(model, i2t=args.i2t)
     print(table)
-    record = {"t2i": {k: results["t2i"][k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
+    record = {"t2i": {k: results["t2i"][k] for k in METRIC_KEYS},
               "checkpoint": os.path.abspath(run.checkpoint_path), "dataset": cfg.dataset_name,
               "split": args.split, "compat": run.compat, "num_queries": results["num_queries"],
               "num_gallery": results["num_gallery"]}
     if args.i2t:
-        record["i2t"] = {k: results["i2t"][k] for k in ("R1", "R5", "R10", "mAP", "mINP")}
+        record["i2t"] = {k: results["i2t"][k] for k in METRIC_KEYS}
     record["provenance"] = provenance_of(run, args, annotation_file, cfg.precision, started)
     log_test_look(run_dir, args, "test", run, {k: record[k] for k in ("t2i", "i2t") if k in record},
                   record["provenance"])

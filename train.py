@@ -133,10 +133,8 @@ def run_training(cfg, rank: int, world_size: int, local_rank: int, config_file: 
         dataset = dataset_from_config(cfg)
     if rank == 0:
         logger.info("%s:\n%s", cfg.dataset_name, dataset.summary())
-    split = dataset.val if cfg.val_dataset == "val" else dataset.test
-    if not split["captions"]:
-        raise UserError(f"{cfg.dataset_name} has no {cfg.val_dataset} split: set --val_holdout_ids N to hold out "
-                        f"N training identities for validation (or --val_dataset test, not recommended)")
+    split = dataset.split(cfg.val_dataset, hint="set --val_holdout_ids N to hold out N training identities for "
+                                                "validation (or --val_dataset test, not recommended)")
 
     model = build_model(cfg, dataset.num_classes).to(device)
     if cfg.grad_checkpointing:

@@ -92,6 +92,14 @@ class PedesDataset:
         self.train_id_map = train_id_map
         self.num_classes = len(train_id_map)
 
+    def split(self, name: str, hint: str = "") -> Dict[str, list]:
+        """The evaluation split `name` ('val' or 'test'); one that holds no caption is a UserError (with `hint`)."""
+        split = getattr(self, name)
+        if not split["captions"]:
+            where = self.annotation_file or self.dataset_dir
+            raise UserError(f"{self.name} has no {name} split (in {where}){': ' + hint if hint else ''}")
+        return split
+
     def statistics(self) -> Dict[str, Tuple[int, int, int]]:
         """(identities, images, captions) per split."""
         stats = {"train": (self.num_classes, len({p[1] for p in self.train}), len(self.train))}

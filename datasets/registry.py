@@ -20,8 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from datasets.base import (AnnotationFormat, Annotations, PedesDataset, dataset_from_annotations, locate,
                            read_annotation_file)
 from utils.errors import UserError, short_repr
-from utils.plugins import current_plugin, declared_by_current
-from utils.schema import Config, Option, register_options
+from utils.plugins import declare
+from utils.schema import Config, Option
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,7 @@ DATASETS: Dict[str, DatasetSpec] = {}
 def register_dataset(name: str, *, options: Sequence[Option] = (), layout: Optional[AnnotationFormat] = None):
     """Decorator for `annotations(cfg) -> Annotations`; see the module docstring."""
     def decorator(fn):
-        owner = current_plugin(fn.__module__)
-        previous = DATASETS.get(name)
-        if previous is not None and previous.owner != owner:
-            raise ValueError(f"data set {name!r} of {owner} is already registered by {previous.owner}")
-        declared_by_current(register_options(options, owner))
-        DATASETS[name] = DatasetSpec(name, fn, owner, layout)
+        DATASETS[name] = DatasetSpec(name, fn, declare(DATASETS, "data set", name, fn.__module__, options), layout)
         return fn
     return decorator
 

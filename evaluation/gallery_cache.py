@@ -18,7 +18,6 @@ once its pid is no longer alive.
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -186,10 +185,8 @@ def _write(path: str, key: str, gallery: Gallery, feats: torch.Tensor) -> bool:
     prefix = os.path.basename(path).rsplit("-", 1)[0]
     data = {"version": CACHE_VERSION, "key": key, "paths": list(gallery.paths), "source": gallery.source,
             "feats": feats, "sha256": features_sha256(feats), "shape": list(feats.shape), "dtype": "float32"}
-    with contextlib.suppress(OSError):  # a folder that cannot be made fails the write, which names the reason
-        os.makedirs(folder, exist_ok=True)
     try:
-        write_atomic(path, lambda f: torch.save(data, f), what="the gallery cache")
+        write_atomic(path, lambda f: torch.save(data, f), what="the gallery cache", make_folder=True)
     except UserError as e:
         # A read-only run folder (e.g. a published one) still answers queries, just without a cache.
         logger.warning("%s; pass --cache_dir to cache elsewhere", e)

@@ -117,9 +117,7 @@ def build_gallery(cfg, split_name: Optional[str], folder: Optional[str]) -> Tupl
         return gallery_from_folder(folder), [], []
     from datasets import dataset_from_config
     # The gallery's own images are checked when they are fingerprinted; checking every split's is not needed.
-    split = getattr(dataset_from_config(cfg, check_images=cfg.skip_missing_images), split_name)
-    if not split["img_paths"]:
-        raise UserError(f"{cfg.dataset_name} has no {split_name} split under {cfg.root_dir}")
+    split = dataset_from_config(cfg, check_images=cfg.skip_missing_images).split(split_name)
     source = f"{cfg.dataset_name}/{split_name} under {os.path.abspath(cfg.root_dir)}"
     return gallery_from_split(split, source), split["captions"], split["caption_img_index"]
 

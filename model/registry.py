@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
-from utils.plugins import current_plugin, declared_by_current
-from utils.schema import Option, register_options
+from utils.plugins import declare
+from utils.schema import Option
 
 Weight = Union[float, str, Callable[[Any], float]]
 
@@ -64,20 +64,12 @@ HEADS: Dict[str, HeadSpec] = {}
 LOSSES: Dict[str, LossSpec] = {}
 
 
-def _declare(registry: Dict[str, Any], kind: str, name: str, owner: str, options: Sequence[Option]) -> None:
-    previous = registry.get(name)
-    if previous is not None and previous.owner != owner:
-        raise ValueError(f"{kind} {name!r} of {owner} is already registered by {previous.owner}")
-    declared_by_current(register_options(options, owner))
-
-
 def register_head(name: str, *, enabled: Optional[Callable[[Any], bool]] = None, lr_factor: Union[str, float,
                   None] = None, lr_kind: Optional[Callable[[str], str]] = None, options: Sequence[Option] = ()):
     """Decorator for `build(cfg, ctx) -> Head`. Without `enabled`, the head is built when `cfg.heads` lists it.
     Declaring `lr_factor` (an option name or a number; 1.0 for the base lr) gives it a learning-rate group."""
     def decorator(build):
-        owner = current_plugin(build.__module__)
-        _declare(HEADS, "head", name, owner, options)
+        owner = declare(HEADS, "head", name, build.__module__, options)
         HEADS[name] = HeadSpec(name, build, enabled or (lambda cfg: name in cfg.heads),
                                lr_kind or ((lambda param: "base") if lr_factor is not None else None), lr_factor,
                                owner)
@@ -89,14 +81,13 @@ def register_loss(name: str, *, weight: Weight = 1.0, global_batch: bool = False
                   check: Optional[Callable[[Any], Optional[str]]] = None, options: Sequence[Option] = ()):
     """Decorator for `fn(out, cfg) -> scalar tensor or {"loss": scalar, ...}`; see the module docstring."""
     def decorator(fn):
-        owner = current_plugin(fn.__module__)
         declared = list(options)
         weight_of: Weight = weight
         if isinstance(weight, (int, float)) and not isinstance(weight, bool):
             declared.append(Option(f"{name}_loss_weight", float, float(weight), f"Weight of the {name} loss.",
                                    minimum=0))
             weight_of = f"{name}_loss_weight"
-        _declare(LOSSES, "loss", name, owner, declared)
+        owner = declare(LOSSES, "loss", name, fn.__module__, declared)
         LOSSES[name] = LossSpec(name, fn, weight_of, global_batch, tuple(needs), check, owner)
         return fn
     return decorator

@@ -55,7 +55,6 @@ class RetrievalModel(nn.Module):
             setattr(self, name, head)
         self.head_names = list(heads)
         self.losses = dict(losses)
-        self.loss_weights = {name: loss.weight for name, loss in losses.items()}
         self.logit_scale = 1.0 / temperature
         self.gather: Optional[Gatherer] = None
         for name, loss in losses.items():
@@ -66,6 +65,10 @@ class RetrievalModel(nn.Module):
     @property
     def heads(self) -> Dict[str, Head]:
         return {name: getattr(self, name) for name in self.head_names}
+
+    @property
+    def loss_weights(self) -> Dict[str, float]:
+        return {name: loss.weight for name, loss in self.losses.items()}
 
     @property
     def embed_dim(self) -> int:

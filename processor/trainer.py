@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from datasets.loaders import per_process_batch_size, set_loader_epoch
+from evaluation.metrics import METRIC_KEYS
 from model.backbone import compile_blocks
 from solver import build_lr_scheduler, build_optimizer, describe_param_groups
 from utils import distributed as dist_utils
@@ -268,7 +269,7 @@ class Trainer:
         results, table = self.evaluator.evaluate(self.module)
         logger.info("validation after epoch %d:\n%s", epoch, table)
         if self.writer is not None:
-            for k in ("R1", "R5", "R10", "mAP", "mINP"):
+            for k in METRIC_KEYS:
                 self.writer.scalar(f"val/{k}", results["t2i"][k], epoch)
         return results
 

@@ -34,8 +34,7 @@ from tools import evaluate_runs  # noqa: E402
 from datasets import DATASETS, dataset_from_config, found_under  # noqa: E402
 from datasets.loaders import build_eval_loaders  # noqa: E402
 from evaluation.metrics import METRIC_KEYS as METRICS  # noqa: E402
-from model import load_model  # noqa: E402
-from model.loading import CompatibilityWarning, LoadedRun  # noqa: E402
+from model.loading import CompatibilityWarning  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.config import Config, apply, read_yaml  # noqa: E402
 from utils.env import resolve_device  # noqa: E402
@@ -125,15 +124,6 @@ def find_test_sets(root_dir: str, files: Sequence[str]) -> List[TestSet]:
     return sets
 
 
-def failure(error: Exception, debug: bool) -> str:
-    """The one line that explains a failed cell (re-raised with --debug, for its traceback)."""
-    if debug:
-        raise error
-    if isinstance(error, UserError):
-        return str(error)
-    return f"unexpected {type(error).__name__}: {(str(error).splitlines() or [''])[0]} (rerun with --debug)"
-
-
 class CrossEvaluation:
     """Fills the matrix run by run, parsing each test set the first time a run needs it."""
 
@@ -160,32 +150,20 @@ class CrossEvaluation:
                                 annotation_file=test_set.annotation_file, demo_seed=0, val_holdout_ids=0,
                                 skip_missing_images=self.skip_missing_images)
             try:
-                split = dataset_from_config(data_cfg).test
-                if not split["captions"]:
-                    raise UserError(f"{test_set.annotation_file or self.root_dir} has no test split")
-                self.splits[test_set] = split
+                self.splits[test_set] = dataset_from_config(data_cfg).split("test")
             except Exception as e:  # noqa: BLE001 - a set that cannot be read leaves the other sets to run
-                self.splits[test_set] = failure(e, self.debug)
+                self.splits[test_set] = evaluate_runs.failure_message(e, self.debug)
                 self.note(f"{test_set.name}: {self.splits[test_set]}")
         split = self.splits[test_set]
         return None if isinstance(split, str) else split
-
-    def load(self, run: str, requested: str) -> LoadedRun:
-        overrides = {k: v for k, v in self.args.overrides.items() if k != "compat"}
-        loaded = load_model(evaluate_runs.config_path(run), device=self.device, compat=requested,
-                            overrides=overrides, trusted="--trust_checkpoint" in self.args.flags)
-        if "num_workers" not in overrides:
-            # Published configs carry their authors' worker count (8); more workers than cores only adds start-up.
-            loaded.cfg.num_workers = min(loaded.cfg.num_workers, evaluate_runs.available_cpus())
-        return loaded
 
     def evaluate(self, run: str, test_sets: Sequence[TestSet], requested: str) -> RunResult:
         """The row of one run; each cell that fails is None, with a note."""
         result = RunResult(evaluate_runs.run_label(run), cells={s.name: None for s in test_sets})
         try:
-            loaded = self.load(run, requested)
+            loaded = evaluate_runs.load_run(run, self.args, self.device, requested)
         except Exception as e:  # noqa: BLE001 - one broken run must not stop the others
-            self.note(f"{result.label}: {failure(e, self.debug)}")
+            self.note(f"{result.label}: {evaluate_runs.failure_message(e, self.debug)}")
             set_training_data(result, read_training_data(run))
             return result
         cfg = loaded.cfg
@@ -201,7 +179,7 @@ class CrossEvaluation:
                                                        cfg.precision, f"{result.label} on {test_set.name}")
                 result.cells[test_set.name] = {k: float(metrics[loaded.compat][k]) for k in METRICS}
             except Exception as e:  # noqa: BLE001 - the run's other test sets still run
-                self.note(f"{result.label} on {test_set.name}: {failure(e, self.debug)}")
+                self.note(f"{result.label} on {test_set.name}: {evaluate_runs.failure_message(e, self.debug)}")
         return result
 
 
@@ -279,10 +257,7 @@ def main(argv: Sequence[str]) -> int:
                         f"and the annotation files of --cross_datasets")
     options = apply(Config(), args.overrides, "command line")
     test_sets = find_test_sets(options.root_dir, files)
-    runs = args.runs or evaluate_runs.discover_runs()
-    if not runs:
-        raise UserError(f"no run folders under ./{evaluate_runs.LOGS} (folders holding configs.yaml and best.pth); "
-                        f"name run folders on the command line")
+    runs = evaluate_runs.runs_to_evaluate(args)
     logger = setup_logger()
     evaluation = CrossEvaluation(args, options.root_dir, options.skip_missing_images, logger)
     requested = str(args.overrides.get("compat", "none"))

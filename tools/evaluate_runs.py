@@ -15,7 +15,6 @@ Exit status: 0 when every row succeeded, 1 when any failed, 2 for bad options.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -36,6 +35,7 @@ from evaluation.metrics import retrieval_metrics  # noqa: E402
 from model import load_model  # noqa: E402
 from model.checkpoint_compat import COMPAT_ATTENTION, COMPAT_MODES  # noqa: E402
 from model.loading import CompatibilityWarning, LoadedRun  # noqa: E402
+from evaluation.search import shown_path  # noqa: E402
 from evaluation.summary import METRICS, Row, csv_table, experiment_key, markdown_table, with_groups  # noqa: E402
 from evaluation.eval_log import append_evaluation, count_test_evaluations  # noqa: E402
 from utils.cli import run_main  # noqa: E402
@@ -101,20 +101,13 @@ def discover_runs(logs_dir: str = LOGS) -> List[str]:
     return sorted(found)
 
 
-def display_path(path: str) -> str:
-    """`path` relative to the current folder when it lies inside it, else absolute."""
-    absolute = os.path.abspath(path)
-    relative = os.path.relpath(absolute)
-    return absolute if relative.startswith(os.pardir) else relative
-
-
 def is_config_file(run: str) -> bool:
     return os.path.isfile(run) and run.endswith((".yaml", ".yml"))
 
 
 def run_label(run: str) -> str:
     """How a run is named in the summary: its folder, relative to the current folder when inside it."""
-    return display_path(os.path.dirname(os.path.abspath(run)) if is_config_file(run) else run)
+    return shown_path(os.path.dirname(os.path.abspath(run)) if is_config_file(run) else run)
 
 
 def config_path(run: str) -> str:
@@ -148,10 +141,7 @@ class SplitCache:
         key = tuple(os.path.abspath(cfg.root_dir) if k == "root_dir" else getattr(cfg, k) for k in DATA_KEYS)
         if key not in self._splits:
             try:
-                split = dataset_from_config(cfg).test
-                if not split["captions"]:
-                    raise UserError(f"{cfg.dataset_name} has no test split under {cfg.root_dir}")
-                self._splits[key] = split
+                self._splits[key] = dataset_from_config(cfg).split("test")
             except UserError as e:
                 self._splits[key] = str(e)  # a missing data set is reported once per run, looked up once
         value = self._splits[key]
@@ -233,12 +223,8 @@ def evaluate_run(run: str, args: Arguments, cache: SplitCache, device: str,
     requested = str(args.overrides.get("compat", "auto"))
     config_file = config_path(run)
     split = cache.get(data_config(config_file, overrides))  # before the checkpoint: a missing data set is cheap
-    loaded = load_model(config_file, device=device, compat=requested, overrides=overrides,
-                        trusted="--trust_checkpoint" in args.flags)
+    loaded = load_run(run, args, device, requested)
     cfg = loaded.cfg
-    if "num_workers" not in overrides:
-        # Published configs carry their authors' worker count (8); more workers than cores only adds start-up.
-        cfg.num_workers = min(cfg.num_workers, available_cpus())
     modes = compat_modes(loaded, requested)
     logger.info("evaluating %s on %s (compat %s)", label, cfg.dataset_name, " and ".join(modes))
     results = evaluate_modes(loaded.model, modes, build_eval_loaders(cfg, split), cfg.precision, label)
@@ -250,6 +236,35 @@ def evaluate_run(run: str, args: Arguments, cache: SplitCache, device: str,
     for row in rows:
         row.tested = tested
     return rows
+
+
+def load_run(run: str, args: Arguments, device: str, compat: str) -> LoadedRun:
+    """The run folder's model, with the command line's options applied to it, in `compat` mode."""
+    overrides = {k: v for k, v in args.overrides.items() if k != "compat"}
+    loaded = load_model(config_path(run), device=device, compat=compat, overrides=overrides,
+                        trusted="--trust_checkpoint" in args.flags)
+    if "num_workers" not in overrides:
+        # Published configs carry their authors' worker count (8); more workers than cores only adds start-up.
+        loaded.cfg.num_workers = min(loaded.cfg.num_workers, available_cpus())
+    return loaded
+
+
+def runs_to_evaluate(args: Arguments) -> List[str]:
+    """The run folders named on the command line, else every one found under ./logs; at least one."""
+    runs = args.runs or discover_runs()
+    if not runs:
+        raise UserError(f"no run folders under ./{LOGS} (folders holding configs.yaml and best.pth); put one there, "
+                        f"e.g. {LOGS}/ICFG-PEDES/irra_icfg/, or name run folders on the command line")
+    return runs
+
+
+def failure_message(error: Exception, debug: bool) -> str:
+    """The one line that says why a run (or a cell) failed; with --debug the error itself, for its traceback."""
+    if debug:
+        raise error
+    if isinstance(error, UserError):
+        return str(error)
+    return f"unexpected {type(error).__name__}: {(str(error).splitlines() or [''])[0]} (rerun with --debug)"
 
 
 @functools.lru_cache(maxsize=1)
@@ -285,17 +300,12 @@ def failed_row(run: str, args: Arguments, message: str) -> Row:
 
 def write_text(path: str, text: str) -> None:
     """Write `text` to `path` atomically (a reader never sees half a summary), making its folder."""
-    with contextlib.suppress(OSError):  # a folder that cannot be made fails the write, which names the reason
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_atomic(path, text, what="the summary")
+    write_atomic(path, text, what="the summary", make_folder=True)
 
 
 def evaluate_all(args: Arguments, logger: logging.Logger) -> List[Row]:
     """Rows of every run folder named (or found under ./logs), in order; a failing run becomes an error row."""
-    runs = args.runs or discover_runs()
-    if not runs:
-        raise UserError(f"no run folders under ./{LOGS} (folders holding configs.yaml and best.pth); put one there, "
-                        f"e.g. {LOGS}/ICFG-PEDES/irra_icfg/, or name run folders on the command line")
+    runs = runs_to_evaluate(args)
     device = str(resolve_device(str(args.overrides.get("device", "auto"))))
     cache = SplitCache()
     rows: List[Row] = []
@@ -303,10 +313,7 @@ def evaluate_all(args: Arguments, logger: logging.Logger) -> List[Row]:
         try:
             rows.extend(evaluate_run(run, args, cache, device, logger))
         except Exception as e:  # noqa: BLE001 - one broken run must not stop the others
-            if "--debug" in args.flags:
-                raise
-            message = str(e) if isinstance(e, UserError) else \
-                f"unexpected {type(e).__name__}: {(str(e).splitlines() or [''])[0]} (rerun with --debug)"
+            message = failure_message(e, "--debug" in args.flags)
             logger.error("%s: %s", run_label(run), message)
             rows.append(failed_row(run, args, message))
     return rows

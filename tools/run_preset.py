@@ -18,20 +18,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import test as test_entry  # noqa: E402
 import train  # noqa: E402
 from tools.preflight import problems  # noqa: E402
-from utils.cli import run_main, split_argv  # noqa: E402
+from utils.cli import run_main, split_argv, take_option  # noqa: E402
 from utils.config import build_config  # noqa: E402
 from utils.errors import UserError, short_repr  # noqa: E402
 
 
 def split_seeds(argv: Sequence[str]) -> Tuple[Optional[List[int]], List[str]]:
     """(the seeds after --seeds, or None without it; the other arguments). The seeds run up to the next option."""
-    if "--seeds" not in argv:
-        return None, list(argv)
-    start = list(argv).index("--seeds")
-    end = start + 1
-    while end < len(argv) and not argv[end].startswith("--"):
-        end += 1
-    tokens, rest = list(argv[start + 1:end]), [*argv[:start], *argv[end:]]
+    tokens, rest = take_option(argv, "--seeds")
+    if tokens is None:
+        return None, rest
     if "--seeds" in rest:
         raise UserError("command line: --seeds is given twice; give every seed after one --seeds")
     if not tokens:

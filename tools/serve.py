@@ -193,8 +193,8 @@ class Service:
 
     def next_failure(self, after: Optional[int], runs: Sequence[str]) -> Optional[int]:
         """The first caption after `after` (wrapping around) whose first hit shows another identity in one of the
-        `runs`; None when there is none. Scanned a chunk at a time, each caption's top-1 remembered; a candidate is
-        confirmed alone, as the page will search it (with bf16 a query's scores depend slightly on its batch)."""
+        `runs`; None when there is none. Scanned a chunk at a time, each caption's top-1 remembered (the searcher
+        encodes every query alone, so a chunk's top-1 is the page's)."""
         chosen = set(runs)
         selected = [i for i, name in enumerate(self.names) if name in chosen]
         n = len(self.captions)
@@ -208,8 +208,7 @@ class Service:
                 self._top1.update((i, tuple(hits[0].correct for hits in per_run))
                                   for i, per_run in zip(todo, results))
             for i in chunk:
-                if any(self._top1[i][r] is False for r in selected) and \
-                        any(hits[0].correct is False for _, hits in self.search(self.captions[i], 1, runs)[1]):
+                if any(self._top1[i][r] is False for r in selected):
                     return i
         return None
 
@@ -231,7 +230,7 @@ def build_app(service: Service, default_k: int, blocked: Sequence[str], local_on
     import gradio as gr
     from fastapi import FastAPI
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-    import search_page
+    from tools import search_page
 
     # No /docs, /redoc or /openapi.json: FastAPI's docs pages load their scripts from a CDN.
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)

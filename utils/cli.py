@@ -34,8 +34,8 @@ def print_help(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     parser.print_help()
     cfg = None
     try:
-        config_file = _values_after(argv, "--config_file")[:1]
-        imports = _values_after(argv, "--custom_imports")
+        config_file = (take_option(argv, "--config_file")[0] or [])[:1]
+        imports = take_option(argv, "--custom_imports")[0] or []
         cfg = build_config(config_file[0] if config_file and os.path.isfile(config_file[0]) else None,
                            {"custom_imports": imports} if imports else None, check=False)
     except UserError as e:
@@ -44,15 +44,16 @@ def print_help(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     print(describe_options(cfg))
 
 
-def _values_after(argv: Sequence[str], flag: str) -> List[str]:
-    """The tokens after the first `flag` up to the next option (the argument parser may not run: --help)."""
+def take_option(argv: Sequence[str], flag: str) -> Tuple[Optional[List[str]], List[str]]:
+    """(the tokens after the first `flag` up to the next option, or None without the flag; `argv` without the flag
+    and those tokens), for what the argument parser does not handle (--help, run.sh's --seeds)."""
     if flag not in argv:
-        return []
-    start = list(argv).index(flag) + 1
-    end = start
+        return None, list(argv)
+    start = list(argv).index(flag)
+    end = start + 1
     while end < len(argv) and not argv[end].startswith("--"):
         end += 1
-    return list(argv[start:end])
+    return list(argv[start + 1:end]), [*argv[:start], *argv[end:]]
 
 
 def _check_misspelt_flags(parser: argparse.ArgumentParser, rest: Sequence[str]) -> None:

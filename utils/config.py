@@ -273,8 +273,8 @@ def build_config(config_file: Optional[str] = None, overrides: Optional[Dict[str
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as plain YAML (no tags), atomically, creating its folder if needed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=True, default_flow_style=None), what="config")
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=True, default_flow_style=None), what="config",
+                 make_folder=True)
 
 
 def _type_name(hint: Any) -> str:

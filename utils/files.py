@@ -46,7 +46,7 @@ def _write(tmp: str, content: Content, fsync: bool) -> None:
 
 
 def write_atomic(path: str, content: Content, fsync: bool = False, what: str = "file",
-                 also: Sequence[str] = ()) -> None:
+                 also: Sequence[str] = (), make_folder: bool = False) -> None:
     """Write `content` (text, bytes, or a function writing to a binary file) to `path`, and to each of `also`.
 
     The data goes to a temporary file beside `path`, which is renamed over `path` only once complete: a kill, a
@@ -54,10 +54,12 @@ def write_atomic(path: str, content: Content, fsync: bool = False, what: str = "
     The copies in `also` (same folder) are hard links to the same data, made before any rename, so either every
     file gets the new data or none does (`also` first, `path` last); where links are not supported they are
     copies. With `fsync` the data and the renames are flushed to disk, so a power loss cannot leave an empty file
-    either. Any failure is one UserError line naming `path`. The folder must exist.
+    either. Any failure is one UserError line naming `path`. The folder must exist, unless `make_folder`.
     """
     temps = []
     try:
+        if make_folder:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         temps.append(temp_path_beside(path))
         _write(temps[0], content, fsync)
         for other in also:

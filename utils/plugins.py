@@ -13,9 +13,10 @@ import importlib.util
 import os
 import sys
 import traceback
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from utils.errors import UserError, short_repr
+from utils.schema import Option, register_options
 
 # The plug-in being imported: the registries record it as the owner of what it declares.
 _importing: List[str] = []
@@ -23,18 +24,20 @@ _importing: List[str] = []
 _DECLARED: Dict[str, List[str]] = {}
 
 
-def current_plugin(default: str) -> str:
-    """The custom_imports entry being imported right now (what a registration belongs to), else `default`."""
-    return _importing[-1] if _importing else default
-
-
-def declared_by_current(names: Sequence[str]) -> None:
-    """Record plug-in options declared while a custom_imports entry is being imported."""
+def declare(registry: Dict[str, Any], kind: str, name: str, module: str, options: Sequence[Option]) -> str:
+    """What every registry does first on a registration of `name` from `module`: returns its owner (the
+    custom_imports entry being imported right now, else `module`), after refusing a name that another owner
+    registered (a ValueError: a programming error, reported when the plug-in is imported) and adding `options` to
+    the schema, remembered for the entry that declared them."""
+    owner = _importing[-1] if _importing else module
+    previous = registry.get(name)
+    if previous is not None and previous.owner != owner:
+        raise ValueError(f"{kind} {name!r} of {owner} is already registered by {previous.owner}")
+    names = register_options(options, owner)
     if _importing:
         declared = _DECLARED.setdefault(_importing[-1], [])
-        for name in names:
-            if name not in declared:
-                declared.append(name)
+        declared.extend(n for n in names if n not in declared)
+    return owner
 
 
 def import_plugins(entries: Sequence[str], config_file: Optional[str] = None, source: str = "config") -> List[str]:

@@ -41,26 +41,21 @@ class RunLock:
         self.purpose = purpose
         self.path = os.path.join(folder, LOCK_NAME)
         self._fd: Optional[int] = None
-        self._depth = 0
+        self._outermost = False
 
     def __enter__(self) -> "RunLock":
         key = os.path.realpath(self.folder)
-        held = _HELD.get(key)
-        if held is not None:
-            held._depth += 1
-            self._reentered = held
-            return self
-        self._reentered = None
-        self.acquire()
-        _HELD[key] = self
+        # Within a process that holds the lock already, only the outermost holder acquires and releases it.
+        self._outermost = key not in _HELD
+        if self._outermost:
+            self.acquire()
+            _HELD[key] = self
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._reentered is not None:
-            self._reentered._depth -= 1
-            return
-        _HELD.pop(os.path.realpath(self.folder), None)
-        self.release()
+        if self._outermost:
+            _HELD.pop(os.path.realpath(self.folder), None)
+            self.release()
 
     def acquire(self) -> None:
         while True:
