@@ -26,95 +26,40 @@ identity: grey frames.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Tuple
 
-from evaluation.gallery_cache import Gallery, normalise_caption
-from evaluation.search import Searcher, SearchRun, load_runs, shown_path
-from evaluation.visualize import Hit, ResultRow, Style, draw_results, left_out
-from utils.cli import run_main, split_argv
+from evaluation.search import Searcher, answer, load_runs, shown_path
+from evaluation.visualize import Style, draw_results, left_out
+from utils.cli import COMPAT, DEBUG, TRUST, Command, Flag, integer, parse_command_line, run_main
 from utils.errors import UserError
 from utils.logger import setup_logger
 
 
-def _text_query(value: str) -> Tuple[str, str]:
-    return "text", value
-
-
 def _caption_query(value: str) -> Tuple[str, int]:
-    try:
-        return "caption", int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a caption index (an integer), got {value!r}") from None
+    return "caption", integer(value)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Config options can follow as --key value, e.g. --root_dir /data "
-                                       "--compat none|php_v1|auto --device cpu; they apply to every run.")
-    p.add_argument("--config_file", dest="config_files", action="append", required=True, metavar="CONFIG_FILE",
-                   help="the run's configs.yaml; repeat to compare runs (the gallery is the first run's)")
-    p.add_argument("--query", dest="queries", action="append", type=_text_query, default=[], metavar="TEXT",
-                   help="a description to search for; repeat for several queries (one picture row each)")
-    p.add_argument("--caption", dest="queries", action="append", type=_caption_query, metavar="N",
-                   help="use caption N (from 0) of the split as a query; its identity frames the hits")
-    p.add_argument("--split", default=None, choices=("test", "val"), help="search this split (default: test)")
-    p.add_argument("--gallery", default=None, metavar="DIR", help="search the images in DIR instead of a split")
-    p.add_argument("--topk", type=int, default=10, help="hits per query (default 10)")
-    p.add_argument("--out", default=None, help="the picture to write (default: <first run>/retrieval.png)")
-    p.add_argument("--checkpoint", dest="checkpoints", action="append", default=None, metavar="CHECKPOINT",
-                   help="checkpoint to use (default: best.pth beside the config); with several runs, one per "
-                        "--config_file, in the same order")
-    p.add_argument("--cache_dir", default=None, help="where gallery embeddings are cached (default: <run>/cache)")
-    p.add_argument("--no_cache", action="store_true", help="neither read nor write the gallery cache")
-    p.add_argument("--trust_checkpoint", action="store_true",
-                   help="allow checkpoints that need full unpickling (only for files you trust)")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
-    return p
-
-
-def resolve_queries(queries: List[Tuple[str, object]], gallery: Gallery, captions: List[str],
-                    split_name: str) -> List[Tuple[str, Optional[int]]]:
-    """(text, pid or None) per query, in command-line order."""
-    out: List[Tuple[str, Optional[int]]] = []
-    for kind, value in queries:
-        if kind == "caption":
-            if not captions:
-                raise UserError("--caption N picks a caption of a split; it cannot be used with --gallery")
-            if not 0 <= value < len(captions):
-                raise UserError(f"--caption {value}: the {split_name} split has captions 0 to {len(captions) - 1}")
-            text = captions[value]
-        else:
-            text = " ".join(str(value).split())
-            if not text:
-                raise UserError("--query: the text is empty")
-        out.append((text, gallery.query_pids.get(normalise_caption(text))))
-    return out
-
-
-def answer(runs: Sequence[SearchRun], queries: List[Tuple[str, object]], split_name: str, folder: Optional[str],
-           topk: int) -> Tuple[Searcher, List[ResultRow]]:
-    """Everything between the input and the printed answer: the gallery, each run's embeddings (cached), the search.
-
-    `queries` are ("text", TEXT) or ("caption", INDEX) pairs. Returns the Searcher (its gallery, and per run
-    whether the embeddings came from the cache) and one ResultRow per query and run, query-major (the row's note
-    says whether the query's identity is known).
-    """
-    searcher = Searcher(runs, split_name, folder)
-    resolved = resolve_queries(queries, searcher.gallery, searcher.captions, split_name)
-    results = searcher.search([text for text, _ in resolved], topk)
-    rows = []
-    for (text, pid), per_run in zip(resolved, results):
-        note = f"caption of id {pid}: green = same id, red = other" if pid is not None else \
-            "free text: identities unknown"
-        rows.extend(ResultRow(text, [Hit(hit.path, hit.score, hit.correct) for hit in hits], note, name)
-                    for name, hits in zip(searcher.names, per_run))
-    return searcher, rows
+COMMAND = Command("retrieve.py", __doc__, flags=(
+    Flag("config_file", "the run's configs.yaml; repeat to compare runs (the gallery is the first run's)",
+         dest="config_files", repeat=True, required=True, metavar="CONFIG_FILE"),
+    Flag("query", "a description to search for; repeat for several queries (one picture row each)",
+         dest="queries", repeat=True, type=lambda value: ("text", value), metavar="TEXT"),
+    Flag("caption", "use caption N (from 0) of the split as a query; its identity frames the hits",
+         dest="queries", repeat=True, type=_caption_query, metavar="N", expects="a caption index (an integer)"),
+    Flag("split", "search this split (default: test)", choices=("test", "val")),
+    Flag("gallery", "search the images in DIR instead of a split", metavar="DIR"),
+    Flag("topk", "hits per query", type=integer, default=10),
+    Flag("out", "the picture to write (default: <first run>/retrieval.png)"),
+    Flag("checkpoint", "checkpoint to use (default: best.pth beside the config); with several runs, one per "
+                       "--config_file, in the same order", dest="checkpoints", repeat=True),
+    Flag("cache_dir", "where gallery embeddings are cached (default: <run>/cache)"),
+    Flag("no_cache", "neither read nor write the gallery cache", nargs=0),
+    COMPAT, TRUST, DEBUG),
+    epilog="Config options can follow as --key value, e.g. --root_dir /data --device cpu; they apply to every run.")
 
 
 def _log_to_stderr(logger: logging.Logger) -> None:
@@ -132,7 +77,8 @@ def _embedded(searcher: Searcher) -> str:
 
 
 def main(argv) -> int:
-    args, overrides = split_argv(parser(), argv)
+    args = parse_command_line(COMMAND, argv)
+    overrides = args.overrides
     if not args.queries:
         raise UserError("nothing to search for: give --query TEXT (or --caption N), repeatable")
     if args.topk < 1:
@@ -145,9 +91,8 @@ def main(argv) -> int:
     split_name = args.split or "test"
     logger = setup_logger()
     _log_to_stderr(logger)
-    compat = overrides.pop("compat", "auto")
     load_start = time.perf_counter()
-    runs = load_runs(args.config_files, args.checkpoints, overrides.get("device", "auto"), compat, overrides,
+    runs = load_runs(args.config_files, args.checkpoints, overrides.get("device", "auto"), args.compat, overrides,
                      args.trust_checkpoint, args.cache_dir, args.no_cache)
     load_seconds = time.perf_counter() - load_start
 

@@ -11,6 +11,7 @@
 #   sh run.sh serve [RUN_DIR ...] [--port 7860] [--host 127.0.0.1] [--gallery DIR]
 #                                  a local search page and /api/search for run folders (default: every one under ./logs)
 #   sh run.sh leak-study           the batch-leak experiment of docs/batch_leak.md
+# Each job is a module of tools/ (python -m tools.<name>), run with the project on the import path.
 set -e
 HERE=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python}
@@ -20,24 +21,24 @@ job=${1:-demo}
 case "$job" in
     test)
         shift
-        exec "$PYTHON" "$HERE/tools/evaluate_runs.py" "$@" ;;
+        exec "$PYTHON" -m tools.evaluate_runs "$@" ;;
     serve)
         shift
-        exec "$PYTHON" "$HERE/tools/serve.py" "$@" ;;
+        exec "$PYTHON" -m tools.serve "$@" ;;
     leak-study)
         shift
-        exec "$PYTHON" "$HERE/tools/leak_study.py" "$@" ;;
+        exec "$PYTHON" -m tools.leak_study "$@" ;;
     demo|--*)
         [ "$job" = demo ] && [ $# -gt 0 ] && shift
         if [ -d logs ] && [ -n "$(find logs -mindepth 2 -maxdepth 4 -name best.pth 2>/dev/null | head -n 1)" ]; then
             echo "note: ./logs already holds trained runs; 'sh run.sh test' evaluates them all."
         fi
-        exec "$PYTHON" "$HERE/tools/run_preset.py" "$HERE/configs/demo.yaml" "$@" ;;
+        exec "$PYTHON" -m tools.run_preset --config_file "$HERE/configs/demo.yaml" "$@" ;;
     *)
         shift
         if [ ! -f "$HERE/configs/$job.yaml" ]; then
             echo "error: unknown job or preset '$job'; presets: $(cd "$HERE/configs" && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
             exit 2
         fi
-        exec "$PYTHON" "$HERE/tools/run_preset.py" "$HERE/configs/$job.yaml" "$@" ;;
+        exec "$PYTHON" -m tools.run_preset --config_file "$HERE/configs/$job.yaml" "$@" ;;
 esac

@@ -1,179 +1,25 @@
 """Train a model: `python train.py --config_file configs/demo.yaml [--key value ...]`.
 
-Also under torchrun: `torchrun --nproc_per_node=N train.py --config_file ...`.
+Also under torchrun: `torchrun --nproc_per_node=N train.py --config_file ...`. The job itself is
+processor.training.train.
 """
 from __future__ import annotations
 
-import argparse
 import os
-from typing import Optional, Tuple
 
-import torch
-
-from datasets import dataset_from_config
-from datasets.loaders import build_eval_loaders, build_train_loader
-from model import build_model
-from evaluation.evaluator import Evaluator
-from processor.trainer import Trainer
-from utils import distributed as dist_utils
-from utils.checkpoint import read_checkpoint, remove_partial_checkpoints
-from utils.cli import check_output_dir, run_main, split_argv
-from utils.config import build_config, config_from_values, save_config
-from utils.schema import resume_differences
-from utils.env import resolve_device, seed_everything
-from utils.errors import UserError
-from utils.logger import attach_log_file, setup_logger
-from utils.provenance import code_and_data
-from utils.runlock import RunLock
+from processor.training import train
+from utils.cli import DEBUG, Command, Flag, parse_command_line, run_main
+from utils.config import build_config
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                epilog="Any config option below can follow as --key value.")
-    p.add_argument("--config_file", default=DEFAULT_CONFIG, help="YAML config (default: configs/demo.yaml)")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
-    return p
-
-
-def checkpoint_bytes(model: torch.nn.Module, run_dir: str) -> int:
-    """Free space the checkpoints may still need: at most three copies exist at once (best.pth, last.pth and the
-    temporary file of the next save), each the weights and two Adam moments in fp32, less what the folder's
-    checkpoints already occupy (best.pth and last.pth are often one file, hard-linked)."""
-    one = 3 * 4 * sum(p.numel() for p in model.parameters())
-    present = {}
-    for name in ("best.pth", "last.pth"):
-        try:
-            st = os.stat(os.path.join(run_dir, name))
-            present[(st.st_dev, st.st_ino)] = st.st_size
-        except OSError:
-            pass
-    return max(0, 3 * one - sum(present.values()))
-
-
-def write_curves(run_dir: str, logger) -> None:
-    """curves.png of the finished run; a plotting failure is a warning, never a failed run."""
-    try:
-        from tools.plot_curves import plot_curves
-        logger.info("training curves: %s", plot_curves(run_dir))
-    except Exception as e:  # noqa: BLE001 - the checkpoints are what counts
-        logger.warning("could not draw the training curves (%s: %s)", type(e).__name__, e)
+COMMAND = Command("train.py", __doc__, flags=(
+    Flag("config_file", "YAML config", default=DEFAULT_CONFIG, metavar="FILE"), DEBUG),
+    epilog="Any config option below can follow as --key value.")
 
 
 def main(argv) -> int:
-    args, overrides = split_argv(parser(), argv)
-    cfg = build_config(args.config_file, overrides)
-    rank, world_size, local_rank = dist_utils.init_distributed(cfg.device)
-    try:
-        return run_training(cfg, rank, world_size, local_rank, args.config_file)
-    finally:
-        # Also after an error: every rank raises the same UserError (the checks are deterministic) and leaves;
-        # if only one rank fails, torchrun stops the others.
-        dist_utils.cleanup()
-
-
-def checkpoint_to_resume(cfg, logger, config_file: str = "") -> Tuple[Optional[str], Optional[dict]]:
-    """(path, checkpoint) to resume from, or (None, None) for a fresh start; refuses what would corrupt a run.
-
-    A fresh start in a folder holding checkpoints needs --overwrite. A resume needs the options to equal those
-    the run was trained with (its configs.yaml and the checkpoint's own record), except RESUME_MUTABLE.
-    """
-    run_dir = cfg.run_dir
-    existing = [n for n in ("best.pth", "last.pth") if os.path.isfile(os.path.join(run_dir, n))]
-    if not cfg.resume:
-        if existing and not cfg.overwrite:
-            raise UserError(f"run folder {run_dir} already holds {' and '.join(existing)} of an earlier run; continue "
-                            f"it with --resume, replace it with --overwrite, or choose another --name")
-        return None, None
-    if config_file and os.path.basename(config_file) == "configs.yaml" and \
-            os.path.realpath(os.path.dirname(config_file)) != os.path.realpath(run_dir):
-        logger.warning("%s lies outside the run folder its options name; resuming %s", config_file, run_dir)
-    path = cfg.resume_ckpt_file or os.path.join(run_dir, "last.pth")
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: {path} does not exist (nothing to resume in {run_dir})")
-    ckpt = read_checkpoint(path)
-    records = []
-    folder_config = os.path.join(run_dir, "configs.yaml")
-    if os.path.isfile(folder_config):
-        records.append((folder_config, build_config(folder_config, check=False)))
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
-        records.append((path, config_from_values(ckpt["config"], path, check=False)))
-    for source, saved in records:
-        differences = resume_differences(cfg, saved)
-        if differences:
-            more = f" and {len(differences) - 6} more" if len(differences) > 6 else ""
-            raise UserError(f"--resume: the options differ from {source}, which trained this run, in "
-                            f"{', '.join(differences[:6])}{more}; resume with the run's own options (only those "
-                            f"listed under 'Resuming' in the README may change), or start a new run with another "
-                            f"--name")
-    return path, ckpt
-
-
-def run_training(cfg, rank: int, world_size: int, local_rank: int, config_file: str = "") -> int:
-    """Train the run of `cfg` as process `rank` of `world_size` (1 without torchrun); returns the exit code.
-
-    Every check runs first (options, data, model, the checkpoint to resume); the run folder is written only
-    after all have passed, under its lock, so a command that fails leaves an existing run as it was.
-    """
-    device = resolve_device(cfg.device, local_rank)
-    run_dir = cfg.run_dir
-    logger = setup_logger(rank=rank, hold=True)
-    resume_path, ckpt = checkpoint_to_resume(cfg, logger, config_file)
-    if rank == 0:
-        check_output_dir(run_dir)
-        logger.info("run folder %s; device %s; precision %s; %d process(es)", run_dir, device, cfg.precision,
-                    world_size)
-    if cfg.val_dataset == "test" and rank == 0:
-        logger.warning("model selection uses the TEST split (val_dataset: test); reported test numbers are then "
-                       "optimistic")
-
-    seed_everything(cfg.seed)
-    with dist_utils.main_process_first():  # a Demo-PEDES set is generated once, not by every process at once
-        dataset = dataset_from_config(cfg)
-    if rank == 0:
-        logger.info("%s:\n%s", cfg.dataset_name, dataset.summary())
-    split = dataset.split(cfg.val_dataset, hint="set --val_holdout_ids N to hold out N training identities for "
-                                                "validation (or --val_dataset test, not recommended)")
-
-    model = build_model(cfg, dataset.num_classes).to(device)
-    if cfg.grad_checkpointing:
-        model.backbone.set_grad_checkpointing(True)
-    if world_size > 1 and cfg.gather_features:
-        dist_utils.use_global_batch(model, world_size)
-    if rank == 0:
-        check_output_dir(run_dir, checkpoint_bytes(model, run_dir))
-        logger.info("model: %.2f M parameters (%s, php_modules %s, losses %s)",
-                    sum(p.numel() for p in model.parameters()) / 1e6, cfg.pretrain_choice, cfg.php_modules,
-                    cfg.loss_names)
-
-    train_loader = build_train_loader(cfg, dataset, rank, world_size)
-    evaluator = Evaluator(*build_eval_loaders(cfg, split), precision=cfg.precision)
-    # Once per process: the code and data this process trains with (history.json records them per epoch).
-    provenance = code_and_data(dataset.annotation_file) if rank == 0 else None
-    trainer = Trainer(cfg, model, train_loader, evaluator, run_dir, device, rank, world_size, provenance)
-    if ckpt is not None and not trainer.restore(ckpt, resume_path):
-        logger.info("%s already finished all %d epochs; nothing to do", run_dir, cfg.num_epoch)
-        return 0
-    del ckpt
-
-    # Every check has passed: from here on the run folder is written, by this process alone.
-    with dist_utils.on_main_process(lambda: RunLock(run_dir, "train.py")):
-        if rank == 0:
-            # Temporary files of checkpoint writes that a kill interrupted: never loaded, as large as a checkpoint.
-            partial = remove_partial_checkpoints(run_dir)
-            if partial:
-                logger.warning("removed %d partial checkpoint file(s) left by an interrupted run: %s", len(partial),
-                               ", ".join(partial))
-            # The saved config starts a run, so it does not carry this invocation's resume request.
-            save_config(cfg.copy(resume=False, resume_ckpt_file="", overwrite=False),
-                        os.path.join(run_dir, "configs.yaml"))
-            attach_log_file(logger, os.path.join(run_dir, "train_log.txt"))
-        result = trainer.fit()
-    if rank == 0:
-        logger.info("finished: best val R1 %.2f at epoch %d; checkpoints in %s", result["best_r1"],
-                    result["best_epoch"], run_dir)
-        write_curves(run_dir, logger)
+    args = parse_command_line(COMMAND, argv)
+    train(build_config(args.config_file, args.overrides), args.config_file)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Time one attention layer's forward + backward on the CPU: SDPA's math and flash kernels against the towers'
 CPU path (model/attention.py), in fp32 and under bf16 autocast, at the demo's and the paper's shapes.
 
-    python benchmarks/attention_cpu.py --repeats 30 --json out.json
+    python -m benchmarks.attention_cpu --repeats 30 --json out.json
 
 Every figure is the median of `--repeats` timed calls after 3 warm-up calls, all in this one process, so the
 ratios between rows are fair on a noisy machine. Shapes: batch x heads x tokens, head width 64.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -20,9 +19,8 @@ from typing import Callable, Dict
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model.attention import TowerAttention  # noqa: E402
+from model.attention import TowerAttention
 
 # (label, batch, width, tokens, causal): the towers of configs/demo.yaml (batch 64) and of ViT-B/16 (batch 8)
 SHAPES = [("demo image", 64, 256, 25, False), ("demo text", 64, 256, 48, True),

@@ -1,7 +1,7 @@
 """Images per second through the training data pipeline (decode, resize, augmentation, collation) per worker count,
 set against the model step's samples per second, to show whether data loading limits training.
 
-    python benchmarks/data_pipeline.py --workers 0,1,2,8 --batch_size 64 [--cache off,on] [--root_dir ./data]
+    python -m benchmarks.data_pipeline --workers 0,1,2,8 --batch_size 64 [--cache off,on] [--root_dir ./data]
         [--dataset_name Demo-PEDES] [--step_json out.json | --step_samples_per_s 12.5] [--json pipeline.json]
 
 Each worker count gets a fresh `build_train_loader` (the trainer's loader: its sampler, per-item seeding,
@@ -27,11 +27,10 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from datasets import build_dataset  # noqa: E402
-from datasets.loaders import build_train_loader, set_loader_epoch  # noqa: E402
-from utils.config import build_config  # noqa: E402
+from datasets import dataset_from_config
+from datasets.loaders import build_train_loader, set_loader_epoch
+from utils.config import Config, build_config
 
 
 def ensure_demo(root_dir: str, image_size: List[int]) -> None:
@@ -128,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.dataset_name == "Demo-PEDES":
         ensure_demo(args.root_dir, args.demo_image_size)
-    dataset = build_dataset(args.dataset_name, args.root_dir)
+    dataset = dataset_from_config(Config(dataset_name=args.dataset_name, root_dir=args.root_dir))
     step, step_source = step_rate(args)
     results: Dict[str, object] = {}
     cfg0 = build_config(args.config, {"dataset_name": args.dataset_name, "root_dir": args.root_dir,

@@ -1,6 +1,6 @@
-"""Time `build_dataset` (annotation parse and every check, image listing included) on a CUHK-PEDES-sized set.
+"""Time `dataset_from_config` (annotation parse and every check, image listing included) on a CUHK-PEDES-sized set.
 
-    python benchmarks/dataset_loading.py [--runs 5] [--keep DIR]
+    python -m benchmarks.dataset_loading [--runs 5] [--keep DIR]
 
 Writes a synthetic CUHK-PEDES (40,206 entries with two captions and their processed tokens each, the published
 split sizes, empty image files in seven subfolders) under a temporary folder, then prints the median of
@@ -13,13 +13,12 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets import build_dataset  # noqa: E402
+from datasets import dataset_from_config
+from utils.config import Config
 
 FOLDERS = ("cam_a", "cam_b", "CUHK01", "CUHK03", "Market", "test_query", "train_query")
 SPLITS = (("train", 11003, 34054), ("val", 1000, 3078), ("test", 1000, 3074))
@@ -62,11 +61,11 @@ def main() -> None:
         times = []
         for _ in range(args.runs):
             t0 = time.perf_counter()
-            dataset = build_dataset("CUHK-PEDES", root)
+            dataset = dataset_from_config(Config(dataset_name="CUHK-PEDES", root_dir=root))
             times.append(time.perf_counter() - t0)
         print(dataset.summary())
         print("runs (s): " + ", ".join(f"{t:.2f}" for t in times))
-        print(f"build_dataset median over {args.runs} runs: {statistics.median(times):.2f} s (target < 5 s)")
+        print(f"dataset_from_config median over {args.runs} runs: {statistics.median(times):.2f} s (target < 5 s)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Wall time and throughput of a real training run (train.py) in one plain process and under torchrun.
 
-    python benchmarks/ddp_smoke.py [--root_dir DIR] [--repeats 3] [--nproc 2]
-    python benchmarks/ddp_smoke.py --config configs/php_cuhk.yaml --device cuda --nproc 1 --repeats 1 \\
+    python -m benchmarks.ddp_smoke [--root_dir DIR] [--repeats 3] [--nproc 2]
+    python -m benchmarks.ddp_smoke --config configs/php_cuhk.yaml --device cuda --nproc 1 --repeats 1 \\
         --variants plain,torchrun --root_dir DIR --set dataset_name=Demo-PEDES --set num_epoch=2
 
 Without `--root_dir` it generates the test-sized Demo-PEDES of tests/conftest.py (60 / 20 / 20 identities) in a
@@ -27,9 +27,8 @@ import time
 from typing import Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from datasets.demo_pedes import generate_demo_pedes  # noqa: E402
+from datasets.demo_pedes import generate_demo_pedes
 
 SMOKE_CONFIG = os.path.join(ROOT, "configs", "smoke.yaml")
 TEST_SIZES = {"num_train_ids": 60, "num_val_ids": 20, "num_test_ids": 20, "images_per_id": 4}

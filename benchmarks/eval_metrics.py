@@ -1,6 +1,6 @@
 """Time `retrieval_metrics` against the plain full-sort computation on an ICFG-PEDES-sized similarity matrix.
 
-    python benchmarks/eval_metrics.py [--size 19848] [--repeats 3] [--threads T] [--alpha 2.3] [--seed 0]
+    python -m benchmarks.eval_metrics [--size 19848] [--repeats 3] [--threads T] [--alpha 2.3] [--seed 0]
 
 Builds a random case like the ICFG-PEDES test split (`--size` captions x `--size` images, one caption per image,
 1,000 identities at full size, scaled with the size), scores = Gaussian noise + alpha for a same-identity pair
@@ -27,9 +27,9 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from evaluation.metrics import retrieval_metrics  # noqa: E402
+from evaluation.metrics import retrieval_metrics
 
 FULL_SIZE, FULL_IDS = 19848, 1000
 KEYS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -113,9 +113,9 @@ def worker(method: str, path: str, repeats: int, threads: int) -> None:
 
 
 def _run_worker(method: str, path: str, args: argparse.Namespace) -> Dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--input", path,
+    cmd = [sys.executable, "-m", "benchmarks.eval_metrics", "--worker", method, "--input", path,
            "--repeats", str(args.repeats), "--threads", str(args.threads or 0)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} worker failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]

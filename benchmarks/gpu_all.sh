@@ -15,6 +15,8 @@
 set -u
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python}
+# The benchmarks run as modules of the project (python -m benchmarks.X), from any folder.
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-./benchmark_out}
 DATA=${DATA:-/tmp/php_bench_data}
 if [ "${DRY:-0}" = 1 ]; then
@@ -24,7 +26,7 @@ else
 fi
 mkdir -p "$OUT"
 LOG="$OUT/gpu_all.log"
-STEP="$PYTHON $HERE/benchmarks/train_step.py --device $DEVICE --arch $ARCH --img_size $H $W --mode_timeout 240"
+STEP="$PYTHON -m benchmarks.train_step --device $DEVICE --arch $ARCH --img_size $H $W --mode_timeout 240"
 
 run() {
     echo "+ $*"
@@ -45,16 +47,15 @@ run() {
     if [ "${ALL:-0}" = 1 ]; then
         # The data set first, not in the background: with the generation running alongside, bf16 at batch 64 gave
         # 395 samples/s on an H100, and 616 in a run without it (the step waits on the host thread).
-        "$PYTHON" -c "import sys; sys.path.insert(0, '$HERE/benchmarks'); import data_pipeline; \
-data_pipeline.ensure_demo('$DATA', [$H, $W])"
+        "$PYTHON" -c "from benchmarks import data_pipeline; data_pipeline.ensure_demo('$DATA', [$H, $W])"
         run $STEP --batch_size $B --steps $STEPS --warmup 3 --repeats 3 --modes fp32,fp16,half --no_flops \
             --json "$OUT/train_step_b$B.json"
-        run "$PYTHON" "$HERE/benchmarks/ddp_smoke.py" --config "$HERE/configs/php_cuhk.yaml" --device $DEVICE \
+        run "$PYTHON" -m benchmarks.ddp_smoke --config "$HERE/configs/php_cuhk.yaml" --device $DEVICE \
             --nproc 1 --repeats 1 --variants plain,torchrun --root_dir "$DATA" --json "$OUT/torchrun_vs_plain.json" \
             --set dataset_name=Demo-PEDES --set pretrain_choice=$ARCH --set "img_size=$H $W" \
             --set batch_size=$B --set num_workers=$WORKERS --set num_epoch=$EPOCHS --set eval_period=$EPOCHS \
             --set tensorboard=false --set warmup_epochs=1
-        run "$PYTHON" "$HERE/benchmarks/data_pipeline.py" --workers $WORKERS --batch_size $B --batches 20 \
+        run "$PYTHON" -m benchmarks.data_pipeline --workers $WORKERS --batch_size $B --batches 20 \
             --repeats 2 --root_dir "$DATA" --demo_image_size $H $W --step_json "$OUT/train_step_b${B}_bf16.json" \
             --json "$OUT/data_pipeline.json"
         run $STEP --batch_size $B2 --steps 5 --warmup 2 --repeats 2 --modes bf16 --no_flops \

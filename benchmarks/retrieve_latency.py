@@ -1,6 +1,6 @@
 """Answer time of retrieve.py: one query against a split, with and without the gallery cache.
 
-    python benchmarks/retrieve_latency.py --config_file RUN/configs.yaml [--repeats 7] [--key value ...]
+    python -m benchmarks.retrieve_latency --config_file RUN/configs.yaml [--repeats 7] [--key value ...]
 
 Times `retrieve.answer` (everything between the known input and the printed answer: reading the split, the
 cache lookup or the gallery embedding, the text encoding and the ranking) in this one process, after loading
@@ -9,20 +9,15 @@ cached answer under 2 s.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluation.search import SearchRun  # noqa: E402
-from model import load_model  # noqa: E402
-from retrieve import answer  # noqa: E402
-from utils.cli import split_argv  # noqa: E402
+from evaluation.search import SearchRun, answer
+from model import load_model
+from utils.cli import COMPAT, Command, Flag, integer, parse_command_line
 
 QUERY = ("text", "a woman with long black hair in a red coat and blue jeans, carrying a backpack")
 
@@ -34,13 +29,11 @@ def timed(fn) -> float:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config_file", required=True)
-    p.add_argument("--split", default="test", choices=("test", "val"))
-    p.add_argument("--repeats", type=int, default=7, help="cached answers timed (uncached: half as many, >= 2)")
-    args, overrides = split_argv(p, argv)
-    compat = overrides.pop("compat", "auto")
-    run = load_model(args.config_file, compat=compat, overrides=overrides)
+    command = Command("python -m benchmarks.retrieve_latency", __doc__, flags=(
+        Flag("config_file", required=True), Flag("split", choices=("test", "val"), default="test"),
+        Flag("repeats", "cached answers timed (uncached: half as many, >= 2)", type=integer, default=7), COMPAT))
+    args = parse_command_line(command, argv)
+    run = load_model(args.config_file, compat=args.compat, overrides=args.overrides)
     cache_dir = tempfile.mkdtemp(prefix="retrieve-bench-")
     try:
         def query(cache):

@@ -1,6 +1,6 @@
 """The search page's JSON endpoint against retrieve.py: agreement, answer time, start-up time.
 
-    python benchmarks/serve_latency.py --run logs/Demo-PEDES/php_demo [--captions 20] [--port 7861] [--key value ...]
+    python -m benchmarks.serve_latency --run logs/Demo-PEDES/php_demo [--captions 20] [--port 7861] [--key value ...]
 
 Starts `sh run.sh serve RUN` (after one warm-up start that fills the gallery cache), times the start-up until the
 endpoint answers, asks `/api/search` for `--captions` captions of the test split spread over it (k 10), and runs
@@ -23,10 +23,9 @@ import urllib.parse
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from datasets import dataset_from_config  # noqa: E402
-from utils.config import build_config  # noqa: E402
+from datasets import dataset_from_config
+from utils.config import build_config
 
 HIT = re.compile(r"^(\d+) (-?\d+\.\d{4}) (\S.*)$")
 

@@ -1,8 +1,8 @@
 """Count the operations one training step dispatches, per part of the model.
 
-    python benchmarks/step_ops.py --json out.json
-    python benchmarks/step_ops.py --config configs/demo.yaml --arch ViT-Demo --img_size 128 48 --text_length 48
-    python benchmarks/step_ops.py --num_experts 8        # any other config option, as train.py takes them
+    python -m benchmarks.step_ops --json out.json
+    python -m benchmarks.step_ops --config configs/demo.yaml --arch ViT-Demo --img_size 128 48 --text_length 48
+    python -m benchmarks.step_ops --num_experts 8        # any other config option, as train.py takes them
 
 On a GPU at the papers' batch sizes the step is bound by the host thread that launches kernels (see
 benchmarks/README.md), so the number of operations per step matters as much as their FLOPs. This counts the
@@ -28,15 +28,14 @@ from unittest import mock
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from train_step import ROOT, synthetic_batch  # noqa: E402
-
-from model import build_model  # noqa: E402
-from model.backbone import ARCHITECTURES  # noqa: E402
-from processor.trainer import Trainer  # noqa: E402
-from utils.config import build_config, parse_overrides  # noqa: E402
+from model import build_model
+from model.backbone import ARCHITECTURES
+from processor.synthetic import synthetic_batch
+from processor.trainer import Trainer
+from utils.cli import Command, parse_command_line
+from utils.config import build_config
 
 # Aliasing or bookkeeping operations that func.is_view does not mark; allocations launch no kernel either.
 NO_KERNEL = {"_unsafe_view", "empty", "empty_strided", "_record_function_enter_new", "_record_function_exit"}
@@ -119,7 +118,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default="")
     args, rest = p.parse_known_args(argv)
-    args.overrides = parse_overrides(rest)
+    args.overrides = parse_command_line(Command("benchmarks.step_ops", "config options"), rest).overrides
     if args.arch not in ARCHITECTURES:
         p.error(f"--arch {args.arch}: expected one of {', '.join(ARCHITECTURES)}")
     return args

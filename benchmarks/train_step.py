@@ -1,7 +1,7 @@
 """Time the full training step of a preset (PHP by default) at paper size, one precision mode at a time.
 
-    python benchmarks/train_step.py --device cpu --batch_size 8 --steps 3 --modes fp32,bf16 --json out.json
-    python benchmarks/train_step.py --device cuda --batch_size 64 --modes fp32,bf16,fp16,compile,half
+    python -m benchmarks.train_step --device cpu --batch_size 8 --steps 3 --modes fp32,bf16 --json out.json
+    python -m benchmarks.train_step --device cuda --batch_size 64 --modes fp32,bf16,fp16,compile,half
 
 A step is the trainer's own, `Trainer.train_step` (processor/trainer.py): autocast forward, the sum of every
 `*_loss` (PHP: sdm + itc + aux), backward through a GradScaler (active for fp16), gradient clipping when the preset
@@ -42,12 +42,12 @@ from typing import Dict, List, Optional
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from model import build_model  # noqa: E402
-from model.backbone import ARCHITECTURES, build_clip  # noqa: E402
-from processor.trainer import Trainer  # noqa: E402
-from utils.config import build_config  # noqa: E402
+from model import build_model
+from model.backbone import ARCHITECTURES, build_clip
+from processor.synthetic import synthetic_batch
+from processor.trainer import Trainer
+from utils.config import build_config
 
 MODES = ("fp32", "bf16", "fp16", "compile", "half")
 PRECISION_MODES = ("fp32", "bf16", "fp16")
@@ -55,21 +55,6 @@ RESULT_TAG = "RESULT_JSON "
 
 
 # ----------------------------------------------------------------------------------------------- one mode
-
-def synthetic_batch(batch_size: int, img_size: List[int], text_length: int, device: torch.device,
-                    seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Random images, captions of 10..text_length-2 tokens (SOT ... EOT, then padding), two samples per pid."""
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, 3, *img_size, generator=gen)
-    ids = torch.zeros(batch_size, text_length, dtype=torch.long)
-    for b in range(batch_size):
-        n = int(torch.randint(10, max(11, text_length - 1), (1,), generator=gen))
-        ids[b, 0] = 49406
-        ids[b, 1:n] = torch.randint(1, 49405, (n - 1,), generator=gen)
-        ids[b, n] = 49407
-    pids = torch.arange(batch_size) // 2
-    return {"images": images.to(device), "caption_ids": ids.to(device), "pids": pids.to(device)}
-
 
 def sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of the CPU flash-attention kernel (not in torch's FLOP registry): as for the CUDA kernels."""
@@ -168,7 +153,7 @@ def run_mode(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------------------------- driver
 
 def worker_command(args: argparse.Namespace, mode: str, compile_precision: str, count: bool) -> List[str]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--compile_precision", compile_precision,
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", mode, "--compile_precision", compile_precision,
            "--device", args.device, "--batch_size", str(args.batch_size), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--arch", args.arch,
            "--img_size", str(args.img_size[0]), str(args.img_size[1]), "--text_length", str(args.text_length),

@@ -2,7 +2,7 @@
 loaders. Importing the package registers the built-in data sets."""
 from datasets import cuhkpedes, custom, demo, icfgpedes, rstpreid  # noqa: F401 - they register themselves
 from datasets.base import Annotations, PedesDataset
-from datasets.registry import DATASETS, build_dataset, dataset_from_config, found_under, register_dataset
+from datasets.registry import DATASETS, dataset_from_config, found_under, register_dataset
 
-__all__ = ["Annotations", "DATASETS", "PedesDataset", "build_dataset", "dataset_from_config", "found_under",
+__all__ = ["Annotations", "DATASETS", "PedesDataset", "dataset_from_config", "found_under",
            "register_dataset"]

@@ -261,8 +261,6 @@ def build_splits(name: str, dataset_dir: str, entries: Sequence[Entry], val_hold
     by_split: Dict[str, List[Entry]] = {s: [] for s in SPLITS}
     for e in entries:
         by_split[e.split].append(e)
-    if val_holdout_ids < 0:
-        raise UserError(f"val_holdout_ids must be 0 or more; got {val_holdout_ids}")
     if val_holdout_ids > 0:
         by_split["train"], by_split["val"] = _hold_out(by_split["train"], by_split["val"], val_holdout_ids,
                                                        source or name)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from utils.config import check_options
 from utils.errors import UserError
 from utils.tokenizer import mask_tokens, tokenize
 
@@ -163,8 +164,6 @@ class TextDataset(Dataset):
 
 def mlm_options(masked_token_rate: float, masked_token_unchanged_rate: float) -> Dict[str, float]:
     """ImageTextDataset keyword arguments from the config's MLM rates (the rest are random replacements)."""
+    check_options({"masked_token_rate": masked_token_rate, "masked_token_unchanged_rate": masked_token_unchanged_rate})
     replace_random = 1.0 - masked_token_rate - masked_token_unchanged_rate
-    if masked_token_rate < 0 or masked_token_unchanged_rate < 0 or replace_random < -1e-9:
-        raise UserError(f"masked_token_rate ({masked_token_rate}) and masked_token_unchanged_rate "
-                        f"({masked_token_unchanged_rate}) must be non-negative and sum to at most 1")
     return {"replace_mask": masked_token_rate, "replace_random": max(replace_random, 0.0)}

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from datasets.base import PedesDataset
 from datasets.image_text import ImageDataset, ImageTextDataset, PreloadedImages, TextDataset, mlm_options
@@ -82,14 +82,34 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     loader.sampler.set_epoch(epoch)
 
 
-def build_eval_loaders(cfg, split: Dict[str, list]) -> Tuple[DataLoader, DataLoader]:
-    """(image loader, text loader) over an evaluation split, in file order, with the eval transform."""
-    transform = build_transforms(cfg.img_size, is_train=False)
-    images = ImageDataset(split["image_pids"], split["img_paths"], transform)
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
+                order: Optional[Sequence[int]] = None) -> DataLoader:
+    """The evaluation DataLoader over `dataset`: never shuffled, in file order or in `order` (indices into it).
+    Validation, test.py, the audit's batchings and the gallery cache all load through it."""
+    if order is not None:
+        dataset = Subset(dataset, list(order))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=torch.cuda.is_available())
+
+
+def image_loader(img_paths: Sequence[str], img_size: Sequence[int], batch_size: int, num_workers: int = 0,
+                 pids: Optional[Sequence[int]] = None, order: Optional[Sequence[int]] = None) -> DataLoader:
+    """Evaluation images (eval transform) with their pids (0 when unknown)."""
+    images = ImageDataset(list(pids) if pids is not None else [0] * len(img_paths), list(img_paths),
+                          build_transforms(img_size, is_train=False))
+    return eval_loader(images, batch_size, num_workers, order)
+
+
+def build_eval_loaders(cfg, split: Dict[str, list], batch_size: Optional[int] = None,
+                       orders: Tuple[Optional[Sequence[int]], Optional[Sequence[int]]] = (None, None)
+                       ) -> Tuple[DataLoader, DataLoader]:
+    """(image loader, text loader) over an evaluation split with the eval transform, at `batch_size` (default
+    test_batch_size), each in file order or in its `orders` entry."""
+    batch_size = batch_size or cfg.test_batch_size
     texts = TextDataset(split["caption_pids"], split["captions"], cfg.text_length)
-    kwargs = dict(batch_size=cfg.test_batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate,
-                  pin_memory=torch.cuda.is_available())
-    return DataLoader(images, **kwargs), DataLoader(texts, **kwargs)
+    return (image_loader(split["img_paths"], cfg.img_size, batch_size, cfg.num_workers, split["image_pids"],
+                         orders[0]),
+            eval_loader(texts, batch_size, cfg.num_workers, orders[1]))
 
 
 def _loader_generator(seed: int) -> torch.Generator:

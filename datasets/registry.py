@@ -13,15 +13,14 @@ custom.py).
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from datasets.base import (AnnotationFormat, Annotations, PedesDataset, dataset_from_annotations, locate,
                            read_annotation_file)
-from utils.errors import UserError, short_repr
+from utils.errors import UserError, did_you_mean, short_repr
 from utils.plugins import declare
-from utils.schema import Config, Option
+from utils.schema import Option
 
 
 @dataclass(frozen=True)
@@ -71,25 +70,7 @@ def dataset_from_config(cfg, check_images: bool = True) -> PedesDataset:
     """
     spec = DATASETS.get(cfg.dataset_name)
     if spec is None:
-        close = difflib.get_close_matches(str(cfg.dataset_name), list(DATASETS), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise UserError(f"unknown data set {short_repr(cfg.dataset_name)}{hint}; expected one of "
+        raise UserError(f"unknown data set {short_repr(cfg.dataset_name)}{did_you_mean(cfg.dataset_name, DATASETS)}; expected one of "
                         f"{', '.join(DATASETS)} (a plug-in's own must be listed in custom_imports)")
     return dataset_from_annotations(cfg.dataset_name, spec.annotations(cfg), val_holdout_ids=cfg.val_holdout_ids,
                                     skip_missing_images=cfg.skip_missing_images, check_images=check_images)
-
-
-def build_dataset(name: str, root_dir: str, *, val_holdout_ids: int = 0, skip_missing_images: bool = False,
-                  demo_seed: int = 0, check_images: bool = True) -> PedesDataset:
-    """Parse and check data set `name` under `root_dir` (see `datasets.base.PedesDataset` for the result).
-
-    Every problem (missing folder or file, malformed JSON, a bad entry, absent images) raises a one-line
-    UserError before anything else happens. `val_holdout_ids` > 0 moves the last that many training
-    identities (by original id) into the val split; `skip_missing_images` drops absent images with a warning;
-    `check_images=False` skips the image existence check. Demo-PEDES is generated (with `demo_seed`) when absent,
-    in a folder of its own per seed. The same as `dataset_from_config` with these options.
-    """
-    cfg = Config()
-    cfg.dataset_name, cfg.root_dir, cfg.val_holdout_ids = name, root_dir, val_holdout_ids
-    cfg.skip_missing_images, cfg.demo_seed = skip_missing_images, demo_seed
-    return dataset_from_config(cfg, check_images)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from utils.config import check_options
 from utils.errors import UserError
 
 
@@ -67,9 +68,7 @@ class RandomIdentitySampler(Sampler[int]):
     def __init__(self, pids: Sequence[int], batch_size: int, num_instance: int, seed: int, num_replicas: int = 1,
                  rank: int = 0):
         _check_shard(num_replicas, rank)
-        if num_instance < 1 or batch_size % num_instance:
-            raise UserError(f"batch size per process ({batch_size}) must be a multiple of num_instance "
-                            f"({num_instance}) for the identity sampler")
+        check_options({"sampler": "identity", "batch_size": batch_size, "num_instance": num_instance})
         self.batch_size, self.num_instance = batch_size, num_instance
         self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
         self.epoch = 0

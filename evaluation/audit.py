@@ -13,13 +13,11 @@ from typing import Dict, Optional, Sequence
 
 import torch
 from prettytable import PrettyTable
-from torch.utils.data import DataLoader, Subset
 
-from datasets.image_text import ImageDataset, TextDataset
-from datasets.loaders import collate
-from datasets.transforms import build_transforms
+from datasets.loaders import build_eval_loaders
 from evaluation.embed import embed_loaders
-from evaluation.metrics import METRIC_KEYS, retrieval_metrics
+from evaluation.metrics import METRIC_KEYS
+from evaluation.scoring import embedding_metrics
 
 logger = logging.getLogger("php")
 
@@ -31,13 +29,10 @@ def embed_split(model, cfg, split: dict, order: str = "file", batch_size: Option
                 seed: int = 0) -> Dict[str, torch.Tensor]:
     """Raw (unnormalised) image and text embeddings of `split`, returned in the split's own order."""
     batch_size = 1 if order == "single" else (batch_size or cfg.test_batch_size)
-    images = ImageDataset(split["image_pids"], split["img_paths"], build_transforms(cfg.img_size, is_train=False))
-    texts = TextDataset(split["caption_pids"], split["captions"], cfg.text_length)
     g = torch.Generator().manual_seed(seed)
-    perms = [torch.randperm(len(ds), generator=g) if order == "shuffled" else torch.arange(len(ds))
-             for ds in (images, texts)]
-    loaders = [DataLoader(Subset(ds, perm.tolist()), batch_size=batch_size, shuffle=False, collate_fn=collate,
-                          num_workers=cfg.num_workers) for ds, perm in zip((images, texts), perms)]
+    perms = [torch.randperm(n, generator=g) if order == "shuffled" else torch.arange(n)
+             for n in (len(split["img_paths"]), len(split["captions"]))]
+    loaders = build_eval_loaders(cfg, split, batch_size, orders=(perms[0].tolist(), perms[1].tolist()))
     feats = embed_loaders(model, *loaders, precision="fp32", normalize=False, desc=f"audit ({order})")
     out = {}
     for name, perm in (("image", perms[0]), ("text", perms[1])):
@@ -50,9 +45,7 @@ def embed_split(model, cfg, split: dict, order: str = "file", batch_size: Option
 
 
 def metrics_of(feats: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    image = torch.nn.functional.normalize(feats["image_feats"], dim=-1)
-    text = torch.nn.functional.normalize(feats["text_feats"], dim=-1)
-    return retrieval_metrics(text @ image.t(), feats["text_pids"], feats["image_pids"])
+    return embedding_metrics(feats["text_feats"], feats["image_feats"], feats["text_pids"], feats["image_pids"])["t2i"]
 
 
 def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from evaluation.scoring import retrieval_features
 from utils.env import PRECISIONS, autocast
 from utils.errors import UserError
 
@@ -51,7 +51,7 @@ def _embed_one(model: torch.nn.Module, loader: Iterable, kind: str, device: torc
             raise UserError(f"{what} loader: a batch of {batch_pids.numel()} pids gave embeddings of shape "
                             f"{tuple(out.shape)}; expected [{batch_pids.numel()}, D]")
         out = out.float()
-        feats.append((F.normalize(out, dim=-1) if normalize else out).cpu())
+        feats.append((retrieval_features(out) if normalize else out).cpu())
         pids.append(batch_pids)
     if not feats:
         raise UserError(f"{what} loader: yielded no batches; the split has no {what}")
@@ -64,7 +64,8 @@ def embed_loaders(model: torch.nn.Module, images: Optional[Iterable] = None, tex
 
     `images` yields `{"pids": [B], "images": [B, 3, H, W]}` and gives `image_feats` [N, D] and `image_pids` [N];
     `texts` yields `{"pids": [B], "caption_ids": [B, L]}` and gives `text_feats` and `text_pids`; either may be
-    None. Embeddings are L2-normalised unless `normalize=False` (the encoders' raw outputs). The model runs in
+    None. Embeddings are retrieval features (evaluation.scoring: L2-normalised) unless `normalize=False` (the encoders'
+    raw outputs). The model runs in
     eval mode under `torch.inference_mode()` on its own device, under autocast for "bf16" / "fp16"; every
     module's train/eval mode is restored afterwards. `model.reset_expert_usage()`, when the model has it, is
     called first, so expert-usage counts cover exactly this call. A malformed batch, an encoder output that does

@@ -8,7 +8,8 @@ import prettytable
 import torch
 
 from evaluation.embed import check_precision, embed_loaders, model_device
-from evaluation.metrics import format_table, retrieval_metrics
+from evaluation.metrics import format_table
+from evaluation.scoring import embedding_metrics
 
 
 class Evaluator:
@@ -40,19 +41,12 @@ class Evaluator:
         """Embed, score every caption against every image (cosine) and compute the metrics.
 
         Returns `({"t2i": metrics, "i2t": metrics (only if requested), "num_queries": captions,
-        "num_gallery": images}, table)`, metrics as in `evaluation.metrics.retrieval_metrics`. The similarity is
-        computed on the model's device; i2t uses the transposed matrix with the roles of the pids swapped.
+        "num_gallery": images}, table)`, metrics as in `evaluation.metrics.retrieval_metrics`, scored by
+        `evaluation.scoring.embedding_metrics` on the model's device.
         """
-        feats = self.embed(model)
-        device = model_device(model)
-        with torch.no_grad():
-            similarity = feats["text_feats"].to(device) @ feats["image_feats"].to(device).T
-            results: Dict = {"t2i": retrieval_metrics(similarity, feats["text_pids"], feats["image_pids"])}
-            if i2t:
-                # A contiguous copy: gathering rows of a transposed view would read the matrix column-wise.
-                similarity = similarity.T.contiguous()
-                results["i2t"] = retrieval_metrics(similarity, feats["image_pids"], feats["text_pids"])
-        del similarity
+        feats = self.embed(model, normalize=False)
+        results: Dict = embedding_metrics(feats["text_feats"], feats["image_feats"], feats["text_pids"],
+                                          feats["image_pids"], device=model_device(model), i2t=i2t)
         results["num_queries"] = int(feats["text_pids"].numel())
         results["num_gallery"] = int(feats["image_pids"].numel())
         table = format_table(results)

@@ -27,11 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader
 
-from datasets.image_text import ImageDataset
-from datasets.loaders import collate
-from datasets.transforms import build_transforms
+from datasets.loaders import image_loader
 from evaluation.embed import embed_loaders
 from utils.errors import UserError, short_repr
 from utils.files import remove_orphan_temps, write_atomic
@@ -42,9 +39,8 @@ logger = logging.getLogger("php")
 CACHE_VERSION = 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _EDGE_BYTES = 1 << 20
-# The cache files, whose temporaries are ".gallery-<slot>-<key>.pt.<pid>-<random>.tmp"; the bare "gallery" covers
-# the temporaries of earlier versions, ".gallery-<pid>-<random>.tmp" and (without a pid) ".gallery-<random>.tmp".
-_CACHE_NAMES = r"gallery(?:-\w+-\w+\.pt)?"
+# The cache files, whose temporaries are ".gallery-<slot>-<key>.pt.<pid>-<random>.tmp".
+_CACHE_NAMES = r"gallery-\w+-\w+\.pt"
 
 
 @dataclass
@@ -66,7 +62,7 @@ def normalise_caption(text: str) -> str:
 
 
 def gallery_from_split(split: Dict[str, list], source: str) -> Gallery:
-    """A split of `build_dataset` (its images with pids; its captions give the pid of a matching query)."""
+    """A split of a data set (datasets.PedesDataset.split) (its images with pids; its captions give the pid of a matching query)."""
     query_pids: Dict[str, int] = {}
     for pid, caption in zip(split["caption_pids"], split["captions"]):
         query_pids.setdefault(normalise_caption(caption), int(pid))
@@ -131,8 +127,7 @@ def cache_path(cache_dir: str, checkpoint_path: str, gallery: Gallery, key: str)
 def embed_images(model: torch.nn.Module, paths: Sequence[str], img_size: Sequence[int], precision: str = "fp32",
                  batch_size: int = 256, num_workers: int = 0) -> torch.Tensor:
     """L2-normalised float32 CPU embeddings [N, D] of the images at `paths`, in order (eval transform)."""
-    images = ImageDataset([0] * len(paths), list(paths), build_transforms(img_size, is_train=False))
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    loader = image_loader(paths, img_size, batch_size, num_workers)
     return embed_loaders(model, loader, precision=precision, desc="gallery")["image_feats"]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Dict, Iterator, Mapping, Optional
+from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import prettytable
 import torch
@@ -170,72 +170,85 @@ def retrieval_metrics(similarity: torch.Tensor, query_pids: torch.Tensor, galler
     """
     _check_inputs(similarity, query_pids, gallery_pids, max_rank, chunk_size)
     device = similarity.device
-    num_gallery = similarity.shape[1]
-    query_pids = query_pids.to(device=device, dtype=torch.long)
-    gallery_pids = gallery_pids.to(device=device, dtype=torch.long)
-
-    # The relevant items of a query are one contiguous run of the gallery sorted by identity.
-    gallery_order = torch.argsort(gallery_pids, stable=True)
-    identities, identity_counts = torch.unique_consecutive(gallery_pids[gallery_order], return_counts=True)
-    identity_starts = torch.cumsum(identity_counts, 0) - identity_counts
-    slot = torch.searchsorted(identities, query_pids).clamp_max(identities.numel() - 1)
-    found = identities[slot] == query_pids
-    num_relevant = torch.where(found, identity_counts[slot], torch.zeros_like(slot))
-
-    # Queries in decreasing order of relevant count: a chunk then pads little and its first row sets its size.
-    matched = torch.nonzero(num_relevant > 0).squeeze(1)
-    matched = matched[torch.argsort(num_relevant[matched], descending=True, stable=True)]
-    num_matched = matched.numel()
-    if num_matched == 0:
+    layout = _RelevantItems(query_pids.to(device=device, dtype=torch.long),
+                            gallery_pids.to(device=device, dtype=torch.long))
+    if layout.matched.numel() == 0:
         raise UserError("query_pids: no query identity occurs in gallery_pids, so no metric is defined; "
                         "queries and gallery must come from the same split")
-    relevant_sorted = num_relevant[matched].tolist()
-
     compute_dtype = torch.float32 if similarity.dtype in (torch.float16, torch.bfloat16) else similarity.dtype
     kind = "cpu" if device.type == "cpu" else "other"
     ks = sorted({1, 5, 10, max_rank})
     hits = torch.zeros(len(ks), dtype=torch.float64, device=device)
     ap_sum = torch.zeros((), dtype=torch.float64, device=device)
     inp_sum = torch.zeros((), dtype=torch.float64, device=device)
-
-    chunk_rows = chunk_size or _CHUNK_QUERIES[kind]
     scratch: Dict[int, torch.Tensor] = {}
-    start = 0
     with _cpu_workers(device) as pool:
-        while start < num_matched:
-            width = relevant_sorted[start]  # the chunk's largest relevant count (queries come in decreasing order)
-            queries = matched[start:start + min(chunk_rows, max(1, _CHUNK_PAIRS // width))]
-            start += len(queries)
-            counts = num_relevant[queries]
-            slots = torch.arange(width, device=device)
-            valid = slots.unsqueeze(0) < counts.unsqueeze(1)
-            position = (identity_starts[slot[queries]].unsqueeze(1) + slots).clamp_max(num_gallery - 1)
-            relevant_scores = similarity[queries.unsqueeze(1), gallery_order[position]].to(compute_dtype)
-            relevant_scores = relevant_scores.masked_fill(~valid, float("-inf")).sort(dim=1, descending=True)[0]
-
-            # How many scores are >= each relevant score, and how many of those are relevant (ties included;
-            # the -inf padding sorts last and is cut off by the count).
-            if pool is None:
-                at_least = _count_rows(similarity, queries, relevant_scores, compute_dtype, _WORK_BYTES[kind],
-                                       scratch)
-            else:
-                task = max(1, _TASK_COMPARISONS // (width * num_gallery))
-                parts = [slice(i, i + task) for i in range(0, len(queries), task)]
-                at_least = torch.cat(list(pool.map(
-                    lambda p: _count_rows(similarity, queries[p], relevant_scores[p], compute_dtype,
-                                          _WORK_BYTES[kind], scratch), parts)))
-            negated = -relevant_scores  # ascending
-            relevant_at_least = torch.minimum(torch.searchsorted(negated, negated, right=True),
-                                              counts.unsqueeze(1))
-
-            # The k-th relevant item (1-based) follows k - 1 relevant items and every non-relevant one scored >= it.
-            ranks = ((slots + 1).unsqueeze(0) + (at_least - relevant_at_least)).to(torch.float64)
+        for queries, width in layout.chunks(chunk_size or _CHUNK_QUERIES[kind]):
+            ranks, counts, valid = _chunk_ranks(similarity, layout, queries, width, compute_dtype, kind, pool,
+                                                scratch)
             hits += torch.stack([(ranks[:, 0] <= k).sum() for k in ks]).to(torch.float64)
-            counts = counts.to(torch.float64)
+            slots = torch.arange(width, device=device)
             ap_sum += ((slots + 1).to(torch.float64) / ranks * valid).sum(1).div(counts).sum()
             last = ranks.gather(1, (counts.long() - 1).unsqueeze(1)).squeeze(1)
             inp_sum += (counts / last).sum()
+    return _summary(hits, ks, ap_sum, inp_sum, layout.matched.numel(), similarity.shape[0], max_rank)
 
+
+class _RelevantItems:
+    """Where each query's relevant gallery items are: one contiguous run of the gallery sorted by identity."""
+
+    def __init__(self, query_pids: torch.Tensor, gallery_pids: torch.Tensor):
+        self.num_gallery = gallery_pids.numel()
+        self.gallery_order = torch.argsort(gallery_pids, stable=True)
+        identities, identity_counts = torch.unique_consecutive(gallery_pids[self.gallery_order], return_counts=True)
+        self.identity_starts = torch.cumsum(identity_counts, 0) - identity_counts
+        self.slot = torch.searchsorted(identities, query_pids).clamp_max(identities.numel() - 1)
+        found = identities[self.slot] == query_pids
+        self.num_relevant = torch.where(found, identity_counts[self.slot], torch.zeros_like(self.slot))
+        # Queries in decreasing order of relevant count: a chunk then pads little and its first row sets its size.
+        matched = torch.nonzero(self.num_relevant > 0).squeeze(1)
+        self.matched = matched[torch.argsort(self.num_relevant[matched], descending=True, stable=True)]
+
+    def chunks(self, chunk_rows: int) -> Iterator[Tuple[torch.Tensor, int]]:
+        """(queries, the largest relevant count among them) per chunk, at most _CHUNK_PAIRS pairs each."""
+        relevant_sorted = self.num_relevant[self.matched].tolist()
+        start = 0
+        while start < len(relevant_sorted):
+            width = relevant_sorted[start]
+            queries = self.matched[start:start + min(chunk_rows, max(1, _CHUNK_PAIRS // width))]
+            start += len(queries)
+            yield queries, width
+
+
+def _chunk_ranks(similarity, layout: _RelevantItems, queries, width: int, compute_dtype, kind: str, pool,
+                 scratch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rank of each query's k-th relevant item [q, width] float64, relevant counts float64, valid slots)."""
+    device = similarity.device
+    counts = layout.num_relevant[queries]
+    slots = torch.arange(width, device=device)
+    valid = slots.unsqueeze(0) < counts.unsqueeze(1)
+    position = (layout.identity_starts[layout.slot[queries]].unsqueeze(1) + slots).clamp_max(layout.num_gallery - 1)
+    relevant_scores = similarity[queries.unsqueeze(1), layout.gallery_order[position]].to(compute_dtype)
+    relevant_scores = relevant_scores.masked_fill(~valid, float("-inf")).sort(dim=1, descending=True)[0]
+
+    # How many scores are >= each relevant score, and how many of those are relevant (ties included; the -inf
+    # padding sorts last and is cut off by the count).
+    if pool is None:
+        at_least = _count_rows(similarity, queries, relevant_scores, compute_dtype, _WORK_BYTES[kind], scratch)
+    else:
+        task = max(1, _TASK_COMPARISONS // (width * layout.num_gallery))
+        parts = [slice(i, i + task) for i in range(0, len(queries), task)]
+        at_least = torch.cat(list(pool.map(
+            lambda p: _count_rows(similarity, queries[p], relevant_scores[p], compute_dtype, _WORK_BYTES[kind],
+                                  scratch), parts)))
+    negated = -relevant_scores  # ascending
+    relevant_at_least = torch.minimum(torch.searchsorted(negated, negated, right=True), counts.unsqueeze(1))
+    # The k-th relevant item (1-based) follows k - 1 relevant items and every non-relevant one scored >= it.
+    ranks = ((slots + 1).unsqueeze(0) + (at_least - relevant_at_least)).to(torch.float64)
+    return ranks, counts.to(torch.float64), valid
+
+
+def _summary(hits, ks, ap_sum, inp_sum, num_matched: int, num_queries: int, max_rank: int) -> Dict[str, float]:
     scale = 100.0 / num_matched
     hit_rates = {f"R{k}": float(h) * scale for k, h in zip(ks, hits.tolist())}
     results = {key: hit_rates[key] for key in ("R1", "R5", "R10")}
@@ -244,7 +257,7 @@ def retrieval_metrics(similarity: torch.Tensor, query_pids: torch.Tensor, galler
     results["mAP"] = float(ap_sum) * scale
     results["mINP"] = float(inp_sum) * scale
     results["num_queries"] = num_matched
-    results["num_queries_without_match"] = similarity.shape[0] - num_matched
+    results["num_queries_without_match"] = num_queries - num_matched
     return results
 
 

@@ -40,17 +40,16 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from evaluation.gallery_cache import Gallery, gallery_embeddings, gallery_from_folder, gallery_from_split, \
     normalise_caption
+from evaluation.visualize import Hit, ResultRow
+from evaluation.scoring import retrieval_features, similarity
 from model import load_model
 from model.loading import LoadedRun
 from utils.env import autocast, resolve_device
 from utils.errors import UserError
 from utils.tokenizer import tokenize
-
-
 
 @dataclass(frozen=True)
 class SearchRun:
@@ -150,8 +149,7 @@ def top_k(model: torch.nn.Module, texts: List[str], gallery_feats: torch.Tensor,
     # query's scores must not depend on the queries asked with it (retrieve.py and the web page agree to 1e-4).
     with torch.inference_mode(), autocast(device, precision), single_cpu_thread(device):
         feats = torch.cat([model.encode_text(ids[i:i + 1]) for i in range(len(texts))])
-    feats = F.normalize(feats.float(), dim=-1).cpu()
-    return (feats @ gallery_feats.T).topk(min(k, gallery_feats.shape[0]), dim=1)
+    return similarity(retrieval_features(feats).cpu(), gallery_feats).topk(min(k, gallery_feats.shape[0]), dim=1)
 
 
 class Searcher:
@@ -197,3 +195,42 @@ class Searcher:
                     SearchHit(rank, score, paths[i], None if pid is None else gallery_pids[i] == pid)
                     for rank, (score, i) in enumerate(zip(scores[q].tolist(), index[q].tolist()), start=1)])
         return results
+
+
+def resolve_queries(queries: List[Tuple[str, object]], gallery: Gallery, captions: List[str],
+                    split_name: str) -> List[Tuple[str, Optional[int]]]:
+    """(text, pid or None) per query, in command-line order."""
+    out: List[Tuple[str, Optional[int]]] = []
+    for kind, value in queries:
+        if kind == "caption":
+            if not captions:
+                raise UserError("--caption N picks a caption of a split; it cannot be used with --gallery")
+            if not 0 <= value < len(captions):
+                raise UserError(f"--caption {value}: the {split_name} split has captions 0 to {len(captions) - 1}")
+            text = captions[value]
+        else:
+            text = " ".join(str(value).split())
+            if not text:
+                raise UserError("--query: the text is empty")
+        out.append((text, gallery.query_pids.get(normalise_caption(text))))
+    return out
+
+
+def answer(runs: Sequence[SearchRun], queries: List[Tuple[str, object]], split_name: str, folder: Optional[str],
+           topk: int) -> Tuple[Searcher, List[ResultRow]]:
+    """Everything between the input and the printed answer: the gallery, each run's embeddings (cached), the search.
+
+    `queries` are ("text", TEXT) or ("caption", INDEX) pairs. Returns the Searcher (its gallery, and per run
+    whether the embeddings came from the cache) and one ResultRow per query and run, query-major (the row's note
+    says whether the query's identity is known).
+    """
+    searcher = Searcher(runs, split_name, folder)
+    resolved = resolve_queries(queries, searcher.gallery, searcher.captions, split_name)
+    results = searcher.search([text for text, _ in resolved], topk)
+    rows = []
+    for (text, pid), per_run in zip(resolved, results):
+        note = f"caption of id {pid}: green = same id, red = other" if pid is not None else \
+            "free text: identities unknown"
+        rows.extend(ResultRow(text, [Hit(hit.path, hit.score, hit.correct) for hit in hits], note, name)
+                    for name, hits in zip(searcher.names, per_run))
+    return searcher, rows

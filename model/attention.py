@@ -7,7 +7,7 @@ is two matrix products around a softmax, all in the compute dtype: the CPU softm
 in fp32 internally, so the probabilities match an fp32 softmax rounded to bf16 (all but a few in a million
 equal) while skipping two casts of the [N, heads, L, L] scores each way (3.6x faster softmax fwd+bwd at ViT-B/16
 size). In fp32 on the CPU, SDPA's flash kernel is the fastest and stays.
-`python benchmarks/attention_cpu.py` measures the choice; its figures are in benchmarks/README.md.
+`python -m benchmarks.attention_cpu` measures the choice; its figures are in benchmarks/README.md.
 """
 from __future__ import annotations
 

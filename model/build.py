@@ -1,7 +1,6 @@
 """`build_model(cfg)`: check the names a configuration uses, then assemble the backbone, its heads and losses."""
 from __future__ import annotations
 
-import difflib
 from typing import Optional, Sequence
 
 from open_clip.model import CLIP
@@ -12,13 +11,11 @@ from model import php_head, irra_head, losses  # noqa: F401
 from model.backbone import build_backbone
 from model.registry import HEADS, LOSSES, HeadContext, loss_weight
 from model.retrieval_model import ActiveLoss, RetrievalModel
-from utils.errors import UserError, short_repr
+from utils.errors import UserError, did_you_mean, short_repr
 
 
 def _unknown(kind: str, name: str, registered) -> UserError:
-    close = difflib.get_close_matches(name, list(registered), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return UserError(f"config: unknown {kind} {short_repr(name)}{hint} (registered: {', '.join(registered)}; a "
+    return UserError(f"config: unknown {kind} {short_repr(name)}{did_you_mean(name, registered)} (registered: {', '.join(registered)}; a "
                      f"plug-in's own must be listed in custom_imports)")
 
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from utils.config import drop_retired
+from utils.schema import COMPAT_MODES  # noqa: F401 - re-exported
 from utils.errors import UserError
 
 PROJECT, PHP_V1, IRRA = "project", "php_v1", "irra"
@@ -81,17 +82,16 @@ def strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.
     return state_dict
 
 
-COMPAT_MODES = ("auto", "none", "php_v1")
 # The one mapping between how a run is loaded (compat) and how its EFP attends (efp_attention, SPEC 8).
-COMPAT_ATTENTION = {"none": "tokens", "php_v1": "batch"}
+_ATTENTION = {"none": "tokens", "php_v1": "batch"}
 
 
 def efp_attention_for(compat: str, layout: str, configured: str) -> str:
     """The EFP attention a loaded run uses: compat's, or with 'auto' the reference's cross-batch attention for a
     published PHP checkpoint and the run's own setting otherwise."""
     if compat == "auto":
-        return COMPAT_ATTENTION[PHP_V1] if layout == PHP_V1 else configured
-    return COMPAT_ATTENTION[compat]
+        return _ATTENTION[PHP_V1] if layout == PHP_V1 else configured
+    return _ATTENTION[compat]
 
 
 def compat_of(batch_dependent: bool) -> str:

@@ -33,20 +33,17 @@ class IDClassifier(nn.Linear, Head):
 
 # The references train the randomly initialised IRRA modules at lr * lr_factor (SPEC 10): the classifier and the
 # MLM prediction head whole ("head_factor": biases included), the cross-modal modules except their biases.
-@register_head("classifier", enabled=lambda cfg: False, lr_factor=1.0, lr_kind=lambda param: "head_factor")
+@register_head("classifier", enabled=lambda cfg: False, lr_factor=1.0, lr_groups={"head_factor": [""]})
 def build_classifier(cfg, ctx: HeadContext) -> IDClassifier:
     if ctx.num_classes <= 0:
         raise UserError("loss 'id' needs the number of training identities (num_classes > 0)")
     return IDClassifier(ctx.dim, ctx.num_classes)
 
 
-def _mlm_lr_kind(param: str) -> str:
-    if param.startswith("mlm_head."):
-        return "head_factor"
-    return "factor" if "cross" in param else "base"
-
-
-@register_head("mlm", enabled=lambda cfg: False, lr_factor=1.0, lr_kind=_mlm_lr_kind)
+# The reference gives lr_factor to the parameters whose names contain `cross`: exactly these two modules' (the
+# LayerNorms around them train at the base lr).
+@register_head("mlm", enabled=lambda cfg: False, lr_factor=1.0,
+               lr_groups={"head_factor": ["mlm_head"], "factor": ["cross_attn", "cross_modal_transformer"]})
 def build_mlm_head(cfg, ctx: HeadContext) -> "MLMHead":
     return MLMHead(ctx.dim, cfg.cmt_depth, ctx.vocab_size)
 

@@ -40,13 +40,22 @@ class HeadSpec:
     name: str
     build: Callable[[Any, HeadContext], Any]
     enabled: Callable[[Any], bool]
-    # How the optimizer treats the head's parameters (solver/optimizer.py): the kind of each parameter, by its name
-    # within the head ("base": lr, bias rule; "factor": lr * lr_factor unless a bias; "head_factor": lr *
-    # lr_factor, bias decay for biases), and an option (or number) multiplying the result. None: the head
-    # declared no learning-rate group, and its parameters train at the base lr with a warning.
-    lr_kind: Optional[Callable[[str], str]]
+    # How the optimizer treats the head's parameters (solver/optimizer.py): `lr_groups` maps a kind ("factor": lr *
+    # lr_factor unless a bias; "head_factor": lr * lr_factor, bias decay for biases) to the head's submodules of
+    # that kind, by attribute path ("" = the whole head); a parameter of no listed submodule is "base" (lr, bias
+    # rule). `lr_factor` (an option, or a number) multiplies the result; None: the head declared no learning-rate
+    # group, and its parameters train at the base lr with a warning.
+    lr_groups: Dict[str, Tuple[str, ...]]
     lr_factor: Union[str, float, None]
     owner: str
+
+    def lr_kind(self, param: str) -> str:
+        """The kind of the head's parameter `param` (its name within the head): the kind of the submodule it
+        belongs to, else 'base'."""
+        for kind, modules in self.lr_groups.items():
+            if any(not m or param == m or param.startswith(m + ".") for m in modules):
+                return kind
+        return "base"
 
 
 @dataclass(frozen=True)
@@ -65,14 +74,17 @@ LOSSES: Dict[str, LossSpec] = {}
 
 
 def register_head(name: str, *, enabled: Optional[Callable[[Any], bool]] = None, lr_factor: Union[str, float,
-                  None] = None, lr_kind: Optional[Callable[[str], str]] = None, options: Sequence[Option] = ()):
+                  None] = None, lr_groups: Optional[Dict[str, Sequence[str]]] = None, options: Sequence[Option] = ()):
     """Decorator for `build(cfg, ctx) -> Head`. Without `enabled`, the head is built when `cfg.heads` lists it.
-    Declaring `lr_factor` (an option name or a number; 1.0 for the base lr) gives it a learning-rate group."""
+    Declaring `lr_factor` (an option name or a number; 1.0 for the base lr) gives it a learning-rate group;
+    `lr_groups` ({"factor" | "head_factor": [submodule, ...]}) sets the kind of its submodules (see HeadSpec)."""
     def decorator(build):
         owner = declare(HEADS, "head", name, build.__module__, options)
-        HEADS[name] = HeadSpec(name, build, enabled or (lambda cfg: name in cfg.heads),
-                               lr_kind or ((lambda param: "base") if lr_factor is not None else None), lr_factor,
-                               owner)
+        groups = {kind: tuple(modules) for kind, modules in (lr_groups or {}).items()}
+        unknown = set(groups) - {"factor", "head_factor"}
+        if unknown:
+            raise ValueError(f"head {name!r}: lr_groups kinds must be 'factor' or 'head_factor', got {sorted(unknown)}")
+        HEADS[name] = HeadSpec(name, build, enabled or (lambda cfg: name in cfg.heads), groups, lr_factor, owner)
         return build
     return decorator
 

@@ -36,11 +36,9 @@ from typing import Any, Dict, List, Mapping, Union
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from utils.config import Config
+from utils.config import Config, check_options
 from utils.errors import UserError
 
-SCHEDULES = ("step", "cosine", "poly", "exp", "linear", "polynomial", "exp_gamma")
-WARMUPS = ("constant", "linear", "exp")
 # The config keys a schedule depends on; kept as plain values so a scheduler state stays weights_only-loadable.
 SCHEDULE_KEYS = ("num_epoch", "lrscheduler", "milestones", "gamma", "warmup_factor", "warmup_epochs",
                  "warmup_method", "target_lr", "power")
@@ -53,21 +51,7 @@ def schedule_options(cfg: ScheduleConfig) -> Dict[str, Any]:
     get = cfg.get if isinstance(cfg, Mapping) else (lambda key: getattr(cfg, key))
     opts = {key: get(key) for key in SCHEDULE_KEYS}
     opts["milestones"] = [int(m) for m in opts["milestones"]]
-    if opts["lrscheduler"] not in SCHEDULES:
-        raise UserError(f"config: option 'lrscheduler' must be one of {', '.join(SCHEDULES)}; "
-                        f"got {opts['lrscheduler']!r}")
-    if opts["warmup_method"] not in WARMUPS:
-        raise UserError(f"config: option 'warmup_method' must be one of {', '.join(WARMUPS)}; "
-                        f"got {opts['warmup_method']!r}")
-    if opts["num_epoch"] <= 0:
-        raise UserError(f"config: option 'num_epoch' must be positive; got {opts['num_epoch']}")
-    if opts["warmup_epochs"] < 0:
-        raise UserError(f"config: option 'warmup_epochs' must be 0 or more; got {opts['warmup_epochs']}")
-    if opts["lrscheduler"] != "step" and opts["warmup_epochs"] >= opts["num_epoch"]:
-        raise UserError(f"config: option 'warmup_epochs' ({opts['warmup_epochs']}) must be smaller than "
-                        f"num_epoch ({opts['num_epoch']}) for the {opts['lrscheduler']} schedule")
-    if opts["milestones"] != sorted(opts["milestones"]):
-        raise UserError(f"config: option 'milestones' must be in increasing order; got {opts['milestones']}")
+    check_options(opts)
     return opts
 
 
@@ -112,7 +96,7 @@ def lr_at_epoch(cfg: ScheduleConfig, base_lr: float, epoch: int) -> float:
 
 
 class LRSchedulerWithWarmup(LRScheduler):
-    """Warm-up followed by one of the decays of SCHEDULES, one `step()` per epoch.
+    """Warm-up followed by one of the decays of the option `lrscheduler`, one `step()` per epoch.
 
     The schedule's options come from the config the scheduler is built with; `state_dict()` holds only the
     progress (`last_epoch`, base lrs), so a resumed run follows its current config, and `load_state_dict()`

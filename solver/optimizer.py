@@ -2,11 +2,11 @@
 
 The rules reproduce the effective groups of the IRRA and PHP reference codebases (SPEC section 10). A parameter
 belongs to the backbone or to a registered head (its name starts with the head's name), and the head declares, per
-parameter, one of three kinds (model/registry.py):
+submodule, one of three kinds (model/registry.py, `lr_groups`):
 
 - `base` (the backbone, the PHP head, ...): lr = `lr`, weight decay = `weight_decay`; a bias (`bias` in its name)
   gets lr = `lr` * `bias_lr_factor` and `weight_decay_bias`;
-- `factor` (the IRRA cross-modal modules, whose names contain `cross`): lr = `lr` * `lr_factor`, except that a
+- `factor` (the IRRA cross-modal modules `cross_attn` and `cross_modal_transformer`): lr = `lr` * `lr_factor`, except that a
   bias follows the bias rule above;
 - `head_factor` (the ID classifier, the MLM prediction head): lr = `lr` * `lr_factor`, biases included, with
   `weight_decay_bias` for biases;
@@ -27,8 +27,7 @@ from prettytable import PrettyTable
 from torch import nn
 
 from model.registry import HEADS
-from utils.config import Config
-from utils.errors import UserError
+from utils.config import Config, check_options
 
 logger = logging.getLogger("php")
 BACKBONE = "backbone"
@@ -53,7 +52,7 @@ def _lr_decay_label(name: str, cfg: Config) -> Tuple[float, float, str]:
     if owner == BACKBONE:
         return _kind_rule("base", is_bias, cfg)
     spec = HEADS.get(owner)
-    if spec is None or spec.lr_kind is None:
+    if spec is None or spec.lr_factor is None:
         lr, decay, _ = _kind_rule("base", is_bias, cfg)
         return lr, decay, "unclaimed"
     lr, decay, label = _kind_rule(spec.lr_kind(local), is_bias, cfg)
@@ -121,15 +120,14 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer in ("Adam", "AdamW"):
         default_eps = 1e-3 if cfg.optimizer == "Adam" else 1e-8
         eps = default_eps if cfg.optimizer_eps is None else cfg.optimizer_eps
-        if eps < 0:
-            raise UserError(f"config: option 'optimizer_eps' must be non-negative; got {eps}")
         speed = {"fused": True} if _fusable(params) else {"foreach": True}
         cls = torch.optim.Adam if cfg.optimizer == "Adam" else torch.optim.AdamW
         return cls(groups, lr=cfg.lr, betas=(cfg.alpha, cfg.beta), eps=eps, **speed)
     if cfg.optimizer == "SGD":
         speed = {"fused": True} if _fusable(params) else {"foreach": True}
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **speed)
-    raise UserError(f"config: option 'optimizer' must be one of Adam, AdamW, SGD; got {cfg.optimizer!r}")
+    check_options({"optimizer": cfg.optimizer})  # names the option and its choices
+    raise ValueError(f"optimizer {cfg.optimizer!r} is a choice of the schema but not built here")
 
 
 def describe_param_groups(optimizer: torch.optim.Optimizer) -> str:

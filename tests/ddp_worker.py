@@ -12,25 +12,20 @@ cannot match between one and two processes.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Dict, List, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from model import build_model
+from processor.trainer import Trainer
+from utils import distributed as dist_utils
+from utils.cli import run_main
+from utils.config import build_config
+from utils.errors import UserError
+from utils.tokenizer import EOT_ID, SOT_ID
 
-from model import build_model  # noqa: E402
-from processor.trainer import Trainer  # noqa: E402
-from utils import distributed as dist_utils  # noqa: E402
-from utils.cli import run_main  # noqa: E402
-from utils.config import build_config  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.tokenizer import EOT_ID, SOT_ID  # noqa: E402
-
-SMOKE_CONFIG = os.path.join(ROOT, "configs", "smoke.yaml")
+SMOKE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.yaml")
 GLOBAL_BATCH = 8
 STEPS = 3
 NUM_CLASSES = 4

@@ -5,7 +5,6 @@ scaled down, each ViT-B/16 size is replaced consistently by a small one so the m
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Dict, Optional
 

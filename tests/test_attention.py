@@ -1,8 +1,8 @@
 """The towers' CPU attention path (model/attention.py) gives open_clip's results, and under bf16 autocast its
 matrix products really run in bf16 (SDPA's CPU math kernel would run them in fp32); fp32 keeps SDPA."""
+from open_clip.transformer import Attention
 import pytest
 import torch
-from open_clip.transformer import Attention
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.attention import TowerAttention

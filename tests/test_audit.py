@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-import test as test_entry
 from evaluation.audit import ORDERS, TOLERANCE
 from published_layout import write_published_run
+import test as test_entry
 from utils.cli import run_main
 
 

@@ -10,10 +10,9 @@ import shutil
 
 import pytest
 
+from datasets import demo_pedes
+from helpers import TINY, assert_one_error_line, build_dataset, run_dir, run_entry, train_argv, tree
 import train
-from datasets import build_dataset, demo_pedes
-from reliability_helpers import (TINY, assert_one_error_line, run_dir, run_entry, tiny_root,  # noqa: F401
-                                 train_argv, tree)
 from utils.errors import UserError
 
 ONE_EPOCH = ["--num_epoch", "1", "--warmup_epochs", "0"]  # the runs that succeed: only their data matters

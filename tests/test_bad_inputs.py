@@ -9,10 +9,9 @@ import traceback
 import pytest
 import torch
 
+from helpers import SMOKE, assert_one_error_line, run_dir, run_entry, train_argv, tree
 import test as test_entry
 import train
-from reliability_helpers import (SMOKE, assert_one_error_line, run_dir, run_entry, tiny_root,  # noqa: F401
-                                 train_argv, tree)
 from utils.checkpoint import read_checkpoint, save_checkpoint
 from utils.cli import run_main
 from utils.config import build_config, save_config

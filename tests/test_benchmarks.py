@@ -1,16 +1,12 @@
 """Smoke tests of the benchmark scripts (train_step, data_pipeline, step_ops) at toy sizes; no timing asserted."""
 import json
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from benchmarks import data_pipeline, step_ops, train_step
 
-import data_pipeline  # noqa: E402
-import step_ops  # noqa: E402
-import train_step  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TOY = ["--device", "cpu", "--arch", "ViT-Tiny", "--img_size", "32", "16", "--text_length", "16", "--batch_size", "4",
        "--steps", "1", "--warmup", "1", "--repeats", "1"]

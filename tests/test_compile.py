@@ -6,11 +6,10 @@ import os
 
 import torch
 
-import train
-from conftest import SMOKE_CONFIG
+from helpers import SMOKE_CONFIG, run_dir, train_argv
 from model import build_model
 from processor.trainer import compile_for_training
-from reliability_helpers import run_dir, tiny_root, train_argv  # noqa: F401
+import train
 from utils.checkpoint import read_checkpoint
 from utils.config import build_config
 

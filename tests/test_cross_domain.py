@@ -1,4 +1,4 @@
-"""`sh run.sh test --cross` (tools/cross_domain.py): the smoke run on copies of the small Demo-PEDES laid out as
+"""`sh run.sh test --cross` (evaluation/cross_domain.py): the smoke run on copies of the small Demo-PEDES laid out as
 other data sets, which must score exactly what it scores in-domain."""
 import csv
 import os
@@ -6,12 +6,11 @@ import shutil
 
 import pytest
 
-from datasets import build_dataset
 from datasets.loaders import build_eval_loaders
 from evaluation.evaluator import Evaluator
+from helpers import build_dataset
+from helpers import run_tool  # `sh run.sh test ARGV` in-process; --cross is handed over from there
 from model import load_model
-
-from test_evaluate_runs import run_tool  # `sh run.sh test ARGV` in-process; --cross is handed over from there
 
 SMOKE = os.path.join("logs", "Demo-PEDES", "smoke")
 BROKEN = os.path.join("logs", "Demo-PEDES", "broken")

@@ -4,9 +4,10 @@ import os
 
 import pytest
 
-from datasets import DATASETS, build_dataset, demo_pedes
+from datasets import DATASETS, demo_pedes
 from datasets.base import DirectoryListing
-from reliability_helpers import TINY
+from helpers import TINY, build_dataset
+from utils.cli import run_main
 from utils.errors import UserError
 
 # (original id, file name, split) for a small CUHK-style set; ids deliberately unsorted and non-contiguous.
@@ -213,7 +214,12 @@ def test_demo_pedes_generated_once_per_seed(tmp_path, monkeypatch):
 
 
 def test_check_dataset_tool_exit_codes(tmp_path, capsys):
-    from tools.check_dataset import main
+    from tools import check_dataset
+
+    def main(argv):
+        with pytest.raises(SystemExit) as done:
+            run_main(check_dataset.main, argv)
+        return done.value.code
 
     write_set(tmp_path)
     assert main(["--dataset_name", "CUHK-PEDES", "--root_dir", str(tmp_path)]) == 1

@@ -3,13 +3,13 @@ import json
 import os
 import re
 
+from PIL import Image
 import numpy as np
 import pytest
-from PIL import Image
 
 from datasets import demo_pedes, demo_render
 from datasets.demo_pedes import generate_demo_pedes, main, sample_identity, tokenize_caption
-from reliability_helpers import tree
+from helpers import tree
 from utils.errors import UserError
 
 SMALL = dict(num_train_ids=6, num_val_ids=3, num_test_ids=3, images_per_id=2)

@@ -11,8 +11,8 @@ import torch
 import torch.fx.experimental._config  # noqa: F401
 import torch.nn as nn
 
+from helpers import batch, tiny_cfg
 from model import build_model
-from test_model import batch, tiny_cfg
 
 PRESETS = {
     "php": dict(php_modules="crfm+efp", loss_names="sdm+itc+aux"),

@@ -14,9 +14,9 @@ import torch.distributed as dist
 import yaml
 
 import ddp_worker
-import train
 from model import build_model
 from model.moe import load_balancing_loss
+import train
 from utils import distributed as dist_utils
 from utils.config import build_config
 from utils.errors import UserError

@@ -4,18 +4,19 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
+from helpers import run_tool
 from published_layout import write_published_run
+from evaluation.runs import check_overrides, discover_runs
+from tools import evaluate_runs
+from utils.cli import parse_command_line
 from utils.cli import run_main
 from utils.config import read_yaml
 from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import evaluate_runs  # noqa: E402
 
 PHP = os.path.join("logs", "CUHK-PEDES", "sdm+itc+aux_cnum9")
 IRRA = os.path.join("logs", "ICFG-PEDES", "irra_icfg")
@@ -44,14 +45,6 @@ def workdir(tmp_path_factory, smoke_run):
     os.makedirs(os.path.join(work, "logs", "no_checkpoint"))  # not a run folder: no best.pth
     shutil.copy(os.path.join(smoke_run, "configs.yaml"), os.path.join(work, "logs", "no_checkpoint"))
     return work
-
-
-def run_tool(argv, cwd, monkeypatch):
-    """Run the entry point in-process from `cwd`; returns its exit status."""
-    monkeypatch.chdir(cwd)
-    with pytest.raises(SystemExit) as done:
-        run_main(evaluate_runs.main, list(argv))
-    return done.value.code
 
 
 def read_summary(cwd):
@@ -139,20 +132,26 @@ def test_compat_option_selects_one_mode(workdir, demo_root, monkeypatch, tmp_pat
     assert [(r["run"], r["compat"]) for r in rows] == [(os.path.join(workdir, PHP), "none")]
 
 
+def parse(argv):
+    """`sh run.sh test ARGV` parsed and checked as the tool does it before evaluating anything."""
+    args = parse_command_line(evaluate_runs.COMMAND, argv)
+    check_overrides(args.overrides)
+    return args
+
+
 def test_argument_order():
-    args = evaluate_runs.parse_arguments(["A", "--root_dir", "X", "B", "--test_batch_size=5", "--debug", "C",
-                                          "--img_aug", "--device", "cpu"])
-    assert args.runs == ["A", "B", "C"]
+    args = parse(["A", "--root_dir", "X", "B", "--test_batch_size=5", "--debug", "C", "--img_aug", "--device", "cpu"])
+    assert args.positionals == ["A", "B", "C"]
     assert args.overrides == {"root_dir": "X", "test_batch_size": "5", "img_aug": "true", "device": "cpu"}
-    assert args.flags == ("--debug",)
+    assert args.debug and not args.trust_checkpoint
     # The token after an option is its value, even when it looks like a run folder.
-    assert evaluate_runs.parse_arguments(["--root_dir", "logs/x"]).runs == []
+    assert parse(["--root_dir", "logs/x"]).positionals == []
     with pytest.raises(UserError, match="root_dri"):
-        evaluate_runs.parse_arguments(["--root_dri", "X"])
+        parse(["--root_dri", "X"])
     with pytest.raises(UserError, match="test_batch_size"):
-        evaluate_runs.parse_arguments(["--test_batch_size", "many", "RUN"])
+        parse(["--test_batch_size", "many", "RUN"])
     with pytest.raises(UserError, match="compat"):
-        evaluate_runs.parse_arguments(["--compat", "php_v2"])
+        parse(["--compat", "php_v2"])
 
 
 def test_no_runs_is_an_error(tmp_path, monkeypatch, capsys):
@@ -165,7 +164,7 @@ def test_no_runs_is_an_error(tmp_path, monkeypatch, capsys):
 
 def test_discovery_needs_config_and_checkpoint(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
-    found = evaluate_runs.discover_runs()
+    found = discover_runs()
     assert found == sorted([PHP, IRRA, SMOKE, BROKEN, MISSING])
     assert read_yaml(os.path.join(workdir, PHP, "configs.yaml"))["img_size"] == [64, 32]
 

@@ -4,13 +4,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
 
 DOC = os.path.join(ROOT, "docs", "extending.md")
 SECTIONS = {"loss": "A new loss", "head": "A new head", "dataset": "A new data set"}

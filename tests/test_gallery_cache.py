@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from evaluation import gallery_cache
 from evaluation.gallery_cache import Gallery, features_sha256
-from test_retrieve import encode_calls, retrieve_cli, run_copy  # noqa: F401 - fixtures used by name
+from helpers import retrieve_cli
 from utils import files
 
 ARGS = ("--caption", "3", "--query", "a man in a blue jacket", "--topk", "5")
@@ -133,25 +133,19 @@ def test_temp_files_of_killed_writers_are_removed(run_copy, demo_root, tmp_path,
     try:
         [dead_tmp] = glob.glob(os.path.join(folder, f".gallery-000000000000-0.pt.{dead}-*.tmp"))
         [live_tmp] = glob.glob(os.path.join(folder, f".gallery-000000000000-0.pt.{live}-*.tmp"))
-        # Named by earlier versions: with the writer's pid, and before that without one.
-        dead_v2, old_legacy, new_legacy, unrelated = (
-            os.path.join(folder, name) for name in
-            (f".gallery-{dead}-x1y2z3_4.tmp", ".gallery-k2j4h5_6.tmp", ".gallery-a1b2c3d4.tmp", "notes.tmp"))
-        for path in (dead_v2, old_legacy, new_legacy, unrelated):
+        # Names that are not temporaries of a cache write: kept, whatever their age.
+        other_file, unrelated = (os.path.join(folder, name) for name in (f".notes.pt.{dead}-ab12.tmp", "notes.tmp"))
+        for path in (other_file, unrelated):
             open(path, "wb").close()
-        two_hours_ago = time.time() - 7200
-        os.utime(old_legacy, (two_hours_ago, two_hours_ago))
 
         code, _, err = retrieve_cli(capsys, run_copy, "--root_dir", demo_root, *ARGS, "--cache_dir", folder,
                                     "--out", str(tmp_path / "r.png"))
         assert code == 0
         left = set(glob.glob(os.path.join(folder, "*")) + glob.glob(os.path.join(folder, ".*")))
-        assert left == {live_tmp, new_legacy, unrelated, only_cache_file(folder)}
-        for path in (dead_tmp, dead_v2):
-            assert f"removed {path}, left by an interrupted gallery cache write (its writer, process {dead}, " \
-                   f"is gone)" in err
-        assert f"removed {old_legacy}, " in err and "untouched for 2.0 h" in err
-        assert live_tmp not in err and new_legacy not in err
+        assert left == {live_tmp, other_file, unrelated, only_cache_file(folder)}
+        assert f"removed {dead_tmp}, left by an interrupted gallery cache write (its writer, process {dead}, " \
+               f"is gone)" in err
+        assert live_tmp not in err and other_file not in err
     finally:
         os.kill(live, signal.SIGKILL)
         os.waitpid(live, 0)

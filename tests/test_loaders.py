@@ -1,19 +1,18 @@
 """Samplers, transforms, the torch Datasets, collate and the loaders end to end on tiny PNGs."""
+from collections import Counter
 import json
 import os
 import re
-from collections import Counter
 
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
-from datasets import build_dataset
 from datasets.image_text import ImageDataset, ImageTextDataset, TextDataset, read_image
-from datasets.loaders import (build_eval_loaders, build_train_loader, collate, per_process_batch_size,
-                              set_loader_epoch)
+from datasets.loaders import build_eval_loaders, build_train_loader, collate, per_process_batch_size, set_loader_epoch
 from datasets.samplers import RandomIdentitySampler, ShuffleSampler
 from datasets.transforms import CLIP_MEAN, CLIP_STD, build_transforms
+from helpers import build_dataset
 from utils.config import Config
 from utils.errors import UserError
 from utils.tokenizer import MASK_ID, tokenize

@@ -3,7 +3,7 @@ autocast, itc, sdm and cmpm equal their fp32 formulas on the same embeddings, wh
 cosines would not (about 0.4% off in the loss and 1-2% in the gradient at temperature 0.02)."""
 import torch
 
-from conftest import SMOKE_CONFIG
+from helpers import SMOKE_CONFIG
 from model import build_model, losses
 from utils.config import build_config
 

@@ -4,12 +4,11 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from model import build_model, load_model
-from model import losses
-from model.backbone import (build_clip, ARCHITECTURES, normalise_clip_state_dict, resize_positional_embedding,
-                            build_backbone)
+from helpers import batch, captions, tiny_cfg
+from model import build_model, load_model, losses
+from model.backbone import (ARCHITECTURES, build_backbone, build_clip, normalise_clip_state_dict,
+                            resize_positional_embedding)
 from model.checkpoint_compat import map_published_state_dict
 from model.loading import CompatibilityWarning
 from model.moe import MoE
@@ -17,35 +16,6 @@ from published_layout import SMALL, published_state_dict, write_published_run
 from utils.checkpoint import save_checkpoint
 from utils.config import build_config, save_config
 from utils.errors import UserError
-
-TINY = {"pretrain_choice": "ViT-Tiny", "img_size": [32, 16], "text_length": 16, "moe_layers": 2, "cnum": 3}
-
-
-def tiny_cfg(**kw):
-    return build_config(None, {**TINY, **kw})
-
-
-def captions(n, length=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(n, length, dtype=torch.long)
-    for i in range(n):
-        words = int(torch.randint(2, length - 2, (1,), generator=g))
-        ids[i, 0] = 49406
-        ids[i, 1:1 + words] = torch.randint(1, 49405, (words,), generator=g)
-        ids[i, 1 + words] = 49407
-    return ids
-
-
-def batch(n=4, seed=0, mlm=False):
-    g = torch.Generator().manual_seed(seed)
-    out = {"images": torch.randn(n, 3, 32, 16, generator=g), "caption_ids": captions(n, seed=seed),
-           "pids": torch.arange(n) // 2}
-    if mlm:
-        out["mlm_ids"] = out["caption_ids"].clone()
-        out["mlm_labels"] = torch.zeros_like(out["caption_ids"])
-        out["mlm_labels"][:, 1] = out["caption_ids"][:, 1]
-        out["mlm_ids"][:, 1] = 49405
-    return out
 
 
 def test_shapes_and_loss_keys():

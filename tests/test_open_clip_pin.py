@@ -11,14 +11,14 @@ import dataclasses
 import functools
 import gzip
 import importlib
+from importlib.metadata import version
 import inspect
 import os
-from importlib.metadata import version
 
 import pytest
 import torch
 
-from test_requirements import ROOT, absolute_imports, project_files, requirement_specs
+from helpers import ROOT, absolute_imports, project_files, requirement_specs
 
 # A CLIP small enough to build in milliseconds: 2 heads per tower, 16x8 images in 8x8 patches (a 2x1 grid).
 WIDTH, EMBED, CONTEXT, VOCAB, IMAGE = 128, 32, 6, 50, (16, 8)

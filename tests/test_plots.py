@@ -1,16 +1,16 @@
-"""Training curves (tools/plot_curves.py, and train.py drawing them) and the expert-usage report of test.py."""
+"""Training curves (evaluation/curves.py through tools/plot_curves.py, and training drawing them) and the expert-usage report of test.py."""
 import json
-import logging
 import os
 
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
-import train
 from evaluation.expert_report import plot_usage, report_expert_usage, usage_table
 from model.php_head import usage_report
-from tools import plot_curves as curves
+from evaluation import curves
+from processor import training
+from tools import plot_curves
 from utils.cli import run_main
 from utils.errors import UserError
 
@@ -52,7 +52,7 @@ def test_curves_without_evaluations_and_cli(tmp_path, capsys):
                for e in (1, 2, 3)]
     (tmp_path / "history.json").write_text(json.dumps(history))
     with pytest.raises(SystemExit) as done:
-        run_main(curves.main, [str(tmp_path)])
+        run_main(plot_curves.main, [str(tmp_path)])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
     assert png_size(tmp_path / "curves.png") == expected_curves_size()
@@ -66,23 +66,20 @@ def test_curves_bad_history(tmp_path, capsys, content, message):
     with pytest.raises(UserError, match=message):
         curves.plot_curves(str(tmp_path))
     with pytest.raises(SystemExit) as done:
-        run_main(curves.main, [str(tmp_path)])
+        run_main(plot_curves.main, [str(tmp_path)])
     assert done.value.code == 2 and capsys.readouterr().err.startswith("error: ")
 
 
-def test_curve_failure_never_fails_training(tmp_path, monkeypatch, caplog):
+def test_curve_failure_never_fails_training(tmp_path, monkeypatch, php_log):
     def broken(run_dir):
         raise RuntimeError("matplotlib is broken")
 
-    monkeypatch.setattr(curves, "plot_curves", broken)
-    logger = logging.getLogger("test_plots")
-    with caplog.at_level(logging.WARNING, logger="test_plots"):
-        train.write_curves(str(tmp_path), logger)
-    assert "matplotlib is broken" in caplog.text
-    with caplog.at_level(logging.WARNING, logger="test_plots"):
-        monkeypatch.undo()
-        train.write_curves(str(tmp_path), logger)  # no history.json: a warning too
-    assert "history.json" in caplog.text
+    monkeypatch.setattr(training, "plot_curves", broken)
+    training.write_curves(str(tmp_path))
+    assert any("matplotlib is broken" in line for line in php_log)
+    monkeypatch.undo()
+    training.write_curves(str(tmp_path))  # no history.json: a warning too
+    assert any("history.json" in line for line in php_log)
 
 
 def synthetic_usage(blocks=3, experts=4):

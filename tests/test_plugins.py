@@ -7,12 +7,11 @@ import textwrap
 import pytest
 import torch
 
-import train
-from conftest import SMOKE_CONFIG
 from datasets import dataset_from_config
+from helpers import SMOKE_CONFIG, assert_one_error_line, run_entry
 from model import HEADS, LOSSES, build_model
-from reliability_helpers import assert_one_error_line, run_entry
 from solver import build_param_groups
+import train
 from utils.config import build_config, save_config
 from utils.errors import UserError
 

@@ -10,9 +10,11 @@ import subprocess
 import pytest
 import torch
 
+from evaluation.eval_log import LOG_NAME, append_evaluation, count_test_evaluations, read_log
+from evaluation.testing import write_results
+from processor import training
 import test as test_entry
 import train
-from evaluation.eval_log import LOG_NAME, append_evaluation, count_test_evaluations, read_log
 from utils.cli import run_main
 from utils.provenance import PROJECT_ROOT, code_and_data, git_state, sha256_file
 
@@ -115,9 +117,9 @@ def test_each_look_at_the_test_split_is_logged(tested_run, smoke_run, demo_root,
 
 def test_a_plain_test_replaces_an_earlier_ones_keys(tmp_path):
     path = str(tmp_path / "test_results.json")
-    test_entry.write_results(path, {"t2i": 1, "i2t": 2, "provenance": "old"})
-    test_entry.write_results(path, {"audit": {"provenance": "audit"}})
-    test_entry.write_results(path, {"t2i": 3, "provenance": "new"}, keep=("audit",))
+    write_results(path, {"t2i": 1, "i2t": 2, "provenance": "old"})
+    write_results(path, {"audit": {"provenance": "audit"}})
+    write_results(path, {"t2i": 3, "provenance": "new"}, keep=("audit",))
     with open(path) as f:
         assert json.load(f) == {"t2i": 3, "provenance": "new", "audit": {"provenance": "audit"}}
 
@@ -196,7 +198,7 @@ def test_history_records_code_and_data_per_epoch(smoke_run, demo_root, tmp_path,
     # Resumed on other code: the new epoch says so, the earlier ones keep what they were trained with.
     run_dir = copy_run(smoke_run, tmp_path / "logs" / "Demo-PEDES" / "smoke")
     other = {"commit": "0" * 40, "dirty": True, "annotations_sha256": annotations}
-    monkeypatch.setattr(train, "code_and_data", lambda annotation_file: dict(other))
+    monkeypatch.setattr(training, "code_and_data", lambda annotation_file: dict(other))
     with pytest.raises(SystemExit) as done:
         run_main(train.main, ["--config_file", os.path.join(run_dir, "configs.yaml"), "--root_dir", demo_root,
                               "--output_dir", str(tmp_path / "logs"), "--resume", "--num_epoch", "3",

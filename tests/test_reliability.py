@@ -2,6 +2,7 @@
 a full disk, non-finite losses stop the run (or are skipped as configured), and the output folder is checked
 before training. The bad inputs are in tests/test_bad_inputs.py.
 """
+from collections import namedtuple
 import io
 import itertools
 import multiprocessing
@@ -12,14 +13,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import namedtuple
 
 import pytest
 import torch
 
+from helpers import ITERS, ROOT, assert_one_error_line, run_dir, run_entry, train_argv
+from processor import training
 import train
-from reliability_helpers import (ITERS, ROOT, assert_one_error_line, run_dir, run_entry, tiny_root,  # noqa: F401
-                                 train_argv)
 from utils.checkpoint import read_checkpoint, remove_partial_checkpoints, save_checkpoint
 from utils.cli import run_main
 from utils.errors import UserError
@@ -214,13 +214,13 @@ def test_partial_checkpoint_of_a_running_save_is_kept(tmp_path):
             time.sleep(0.01)
         [live] = os.listdir(tmp_path)
         assert live.startswith(f".last.pth.{child.pid}-") and live.endswith(".tmp")
-        # Left by an earlier version (no pid in the name), and by an earlier process that had this process's pid
-        # (a restarted container's processes get the same pids).
-        leftovers = [".best.pth.0a1b2c3d.tmp", f".best.pth.{os.getpid()}-0a1b2c3d.tmp"]
-        for name in leftovers:
+        # Left by an earlier process that had this process's pid (a restarted container's processes get the same
+        # pids), and a file of no writer of this project's (no pid in its name): only the first goes.
+        leftover, foreign = f".best.pth.{os.getpid()}-0a1b2c3d.tmp", ".best.pth.0a1b2c3d.tmp"
+        for name in (leftover, foreign):
             (tmp_path / name).write_bytes(b"PK partial")
-        assert sorted(remove_partial_checkpoints(str(tmp_path))) == sorted(leftovers)
-        assert os.listdir(tmp_path) == [live]
+        assert remove_partial_checkpoints(str(tmp_path)) == [leftover]
+        assert sorted(os.listdir(tmp_path)) == sorted([live, foreign])
     finally:
         child.kill()
         child.join(60)
@@ -259,7 +259,7 @@ def test_full_disk_during_a_checkpoint_write(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ non-finite losses
 def poison(monkeypatch, steps, term="sdm_loss"):
     """Make the model's loss `term` NaN at the given training steps (counted from 1 over the whole run)."""
-    build = train.build_model
+    build = training.build_model
 
     def build_poisoned(cfg, num_classes):
         model = build(cfg, num_classes)
@@ -272,7 +272,7 @@ def poison(monkeypatch, steps, term="sdm_loss"):
             return out
         model.forward = poisoned
         return model
-    monkeypatch.setattr(train, "build_model", build_poisoned)
+    monkeypatch.setattr(training, "build_model", build_poisoned)
 
 
 @pytest.mark.parametrize("tolerated,steps,stops_at", [(0, {ITERS + 2}, (2, 2)), (1, {2, ITERS + 3}, (2, 3)),

@@ -4,60 +4,11 @@ The imports are read with `ast` from every .py file (entry points, packages, too
 imports inside functions included, so a new import without its requirement, or a requirement nothing imports any
 more, fails here instead of on a fresh install.
 """
-import ast
 import os
-import re
 import sys
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIREMENTS = os.path.join(ROOT, "requirements.txt")
-
-# Run outputs and downloaded data (ignored by git); a .py file there is not the project's code.
-NOT_CODE = {"data", "logs", "pretrained", "benchmark_out"}
-
-# Import name -> distribution name, where the two differ.
-DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "open_clip": "open_clip_torch"}
-# Modules of one distribution that import another one it does not depend on.
-NEEDS_MORE = {"torch.utils.tensorboard": "tensorboard"}
-
-
-def normalise(name: str) -> str:
-    """A distribution name as pip compares them (PEP 503)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def requirement_specs() -> Dict[str, str]:
-    """requirements.txt as {normalised distribution name: version specifier}."""
-    specs = {}
-    with open(REQUIREMENTS) as f:
-        for line in f:
-            line = line.split("#", 1)[0].strip()
-            if line:
-                name, spec = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)", line).groups()
-                specs[normalise(name)] = spec
-    return specs
-
-
-def project_files():
-    for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"
-                   and not (folder == ROOT and d in NOT_CODE)]
-        yield from (os.path.join(folder, name) for name in files if name.endswith(".py"))
-
-
-def absolute_imports(path: str) -> Set[Tuple[str, Optional[str]]]:
-    """What `path` imports, anywhere in it: (module, name) for `from module import name`, (module, None) for
-    `import module`; relative imports are the project's own and left out."""
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), path)
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update((alias.name, None) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            found.update((node.module, alias.name) for alias in node.names)
-    return found
+from helpers import DISTRIBUTIONS, NEEDS_MORE, ROOT, absolute_imports, normalise, project_files, requirement_specs
 
 
 def required_distributions() -> Dict[str, str]:

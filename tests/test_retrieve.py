@@ -5,76 +5,17 @@ import contextlib
 import errno
 import glob
 import os
-import re
 import shutil
 
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
-import retrieve
-from datasets import build_dataset
 from evaluation.visualize import (BACKGROUND, GREEN, GREY, RED, Hit, ResultRow, Style, draw_results, left_out,
                                   left_out_note, panel_box, picture_size, wrap_text)
-from model.retrieval_model import RetrievalModel
-from utils.cli import run_main
+from helpers import build_dataset, parse_output, pixel, retrieve_cli, small_images
+import retrieve
 from utils.errors import UserError
-
-HIT = re.compile(r"^(\d+) (-?\d+\.\d{4}) (\S.*)$")
-
-
-@pytest.fixture()
-def run_copy(smoke_run, tmp_path):
-    """A private copy of the smoke run (configs.yaml + best.pth) that a test may modify."""
-    folder = tmp_path / "run"
-    folder.mkdir()
-    for name in ("configs.yaml", "best.pth"):
-        shutil.copy2(os.path.join(smoke_run, name), folder / name)
-    return str(folder)
-
-
-@pytest.fixture()
-def encode_calls(monkeypatch):
-    """Counts the images passed to RetrievalModel.encode_image."""
-    calls = {"images": 0}
-    original = RetrievalModel.encode_image
-
-    def counting(self, images):
-        calls["images"] += images.shape[0]
-        return original(self, images)
-
-    monkeypatch.setattr(RetrievalModel, "encode_image", counting)
-    return calls
-
-
-def retrieve_cli(capsys, run_dir, *args):
-    """Run retrieve.py in-process; returns (exit code, output) with output = (stdout lines, stderr)."""
-    with pytest.raises(SystemExit) as done:
-        run_main(retrieve.main, ["--config_file", os.path.join(run_dir, "configs.yaml"), *args])
-    out, err = capsys.readouterr()
-    return done.value.code, (out.splitlines(), err), err
-
-
-def parse_output(output):
-    """[(query header, [(rank, score, path), ...]), ...]: every stdout line is a hit, ranks restart at 1 for
-    each query; the query headers and the final timing line are on stderr."""
-    lines, err = output
-    headers = [line for line in err.splitlines() if line.startswith("# query ")]
-    queries = []
-    for line in lines:
-        match = HIT.match(line)
-        assert match, f"unexpected output line {line!r}"
-        if int(match.group(1)) == 1:
-            queries.append((headers[len(queries)], []))
-        queries[-1][1].append((int(match.group(1)), float(match.group(2)), match.group(3)))
-    assert len(queries) == len(headers)
-    assert re.search(r"^# answered in \d+\.\d{3} s ", err, re.M), err
-    return queries
-
-
-def pixel(path, xy):
-    with Image.open(path) as img:
-        return img.convert("RGB").getpixel(xy)
 
 
 def test_split_query_prints_hits_and_draws_frames(run_copy, demo_root, tmp_path, capsys):
@@ -214,10 +155,11 @@ def test_bad_input_is_one_line(run_copy, demo_root, tmp_path, capsys, args, mess
 
 def test_query_equal_to_a_caption_has_its_identity():
     from evaluation.gallery_cache import gallery_from_split
+    from evaluation.search import resolve_queries
     split = {"image_pids": [7, 9], "img_paths": ["a.jpg", "b.jpg"], "caption_pids": [7, 9],
              "captions": ["A man in a  Red coat.", "a woman"]}
     gallery = gallery_from_split(split, "test split")
-    resolved = retrieve.resolve_queries([("text", "a MAN in a red   coat."), ("caption", 1), ("text", "someone")],
+    resolved = resolve_queries([("text", "a MAN in a red   coat."), ("caption", 1), ("text", "someone")],
                                         gallery, split["captions"], "test")
     assert resolved == [("a MAN in a red coat.", 7), ("a woman", 9), ("someone", None)]
 
@@ -278,14 +220,6 @@ def test_topk_beyond_the_gallery_and_the_picture_cap(run_copy, demo_root, tmp_pa
         footer = img.convert("RGB").crop((0, img.size[1] - style.header_h, img.size[0], img.size[1]))
         assert any(colour != BACKGROUND for _, colour in footer.getcolors(1 << 16))
     assert pixel(out, panel_box(style.max_rows - 1, style.max_cols - 1)[:2]) in (GREEN, RED)
-
-
-def small_images(folder, count):
-    paths = []
-    for i in range(count):
-        paths.append(os.path.join(folder, f"{i}.png"))
-        Image.new("RGB", (16, 32), (0, 0, 255)).save(paths[-1])
-    return paths
 
 
 def test_picture_cap_counts_what_is_left_out(tmp_path):

@@ -4,33 +4,15 @@ import os
 import re
 import shutil
 
-import torch
-import yaml
 from PIL import Image
+import torch
 
-from datasets import build_dataset
 from evaluation.search import Searcher, load_runs, shown_path, unique_names
 from evaluation.visualize import (BACKGROUND, GREEN, GREY, RED, Hit, ResultRow, Style, draw_results, left_out,
                                   left_out_note, panel_box, picture_size, row_top)
-from test_retrieve import encode_calls, parse_output, pixel, retrieve_cli, run_copy, small_images  # noqa: F401
+from helpers import build_dataset, parse_output, pixel, retrieve_cli, run_variant, small_images
 
 RUN_HIT = re.compile(r"^(\S+) (\d+ .*)$")
-
-
-def run_variant(run_dir, folder, noise=0.0, **options):
-    """A copy of the run at `run_dir` in `folder`, with config `options` changed and `noise` added to its weights."""
-    os.makedirs(folder)
-    with open(os.path.join(run_dir, "configs.yaml")) as f:
-        config = {**yaml.safe_load(f), **options}
-    with open(os.path.join(folder, "configs.yaml"), "w") as f:
-        yaml.safe_dump(config, f)
-    checkpoint = torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)
-    generator = torch.Generator().manual_seed(0)
-    for value in checkpoint["model"].values():
-        if value.is_floating_point():
-            value += noise * torch.randn(value.shape, generator=generator)
-    torch.save(checkpoint, os.path.join(folder, "best.pth"))
-    return folder
 
 
 def parse_runs(output):

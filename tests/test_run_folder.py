@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
+from helpers import assert_one_error_line, run_entry, train_argv, tree
 import train
-from reliability_helpers import ROOT, assert_one_error_line, run_entry, tiny_root, train_argv, tree  # noqa: F401
 from utils.checkpoint import read_checkpoint, save_checkpoint
 from utils.errors import UserError
 
@@ -90,7 +90,6 @@ def test_resume_extends_a_run_with_a_mutable_option(finished, copy_of, tmp_path,
 
 HOLD = textwrap.dedent("""
     import os, sys, time
-    sys.path.insert(0, {root!r})
     from utils.runlock import RunLock
     with RunLock(sys.argv[1], "holder.py"):
         if sys.argv[2] == "fork" and os.fork() == 0:
@@ -102,7 +101,7 @@ HOLD = textwrap.dedent("""
 
 
 def hold_lock(folder, fork=False):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(root=ROOT), folder, "fork" if fork else "-"],
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, folder, "fork" if fork else "-"],
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
@@ -171,17 +170,16 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoints(tiny_root, tmp
 
 FILL = textwrap.dedent("""
     import os, resource, signal, sys
-    sys.path.insert(0, {root!r})
     import torch
     from utils.checkpoint import save_checkpoint
     from utils.errors import UserError
     folder = sys.argv[1]
-    save_checkpoint({{"epoch": 1, "w": torch.zeros(1000)}}, os.path.join(folder, "last.pth"))
+    save_checkpoint({"epoch": 1, "w": torch.zeros(1000)}, os.path.join(folder, "last.pth"))
     # From here on no file may grow beyond 64 KB: writes fail with EFBIG, as on a full disk.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
     try:
-        save_checkpoint({{"epoch": 2, "w": torch.zeros(10**6)}}, os.path.join(folder, "last.pth"),
+        save_checkpoint({"epoch": 2, "w": torch.zeros(10**6)}, os.path.join(folder, "last.pth"),
                         also=[os.path.join(folder, "best.pth")])
     except UserError as e:
         print(e)
@@ -190,7 +188,7 @@ FILL = textwrap.dedent("""
 
 def test_a_real_failing_write_inside_the_serializer(tmp_path):
     """No patching: the file-size limit makes torch's own writer fail midway, as a full disk does."""
-    done = subprocess.run([sys.executable, "-c", FILL.format(root=ROOT), str(tmp_path)], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", FILL, str(tmp_path)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"cannot write checkpoint {tmp_path}/last.pth (")
@@ -209,6 +207,7 @@ def test_a_full_disk_for_tensorboard_and_the_log_only_warns(tmp_path, capsys):
     saves decide), with one warning each instead of a traceback per line."""
     import errno
     import logging
+
     from utils.event_log import EventLog
     from utils.logger import setup_logger
 

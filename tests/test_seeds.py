@@ -9,8 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, SMOKE_CONFIG
-from reliability_helpers import assert_one_error_line, run_entry, tiny_root  # noqa: F401
+from helpers import ROOT, SMOKE_CONFIG, assert_one_error_line, run_entry
 from tools import run_preset
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -22,8 +21,8 @@ def seeded(tiny_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("seeds")
     common = ["--root_dir", tiny_root, "--output_dir", str(work / "logs"), "--batch_size", "8", "--warmup_epochs", "0"]
     # Seed 2 first stops after one epoch, as an interrupted run would; the --seeds run resumes it.
-    assert run_preset.main([SMOKE_CONFIG, *common, "--seed", "2", "--name", "smoke_seed2", "--num_epoch", "1"]) == 0
-    assert run_preset.main([SMOKE_CONFIG, "--seeds", "1", "2", "3", *common]) == 0
+    assert run_preset.main(["--config_file", SMOKE_CONFIG, *common, "--seed", "2", "--name", "smoke_seed2", "--num_epoch", "1"]) == 0
+    assert run_preset.main(["--config_file", SMOKE_CONFIG, "--seeds", "1", "2", "3", *common]) == 0
     return work, tiny_root, common
 
 
@@ -48,7 +47,7 @@ def test_finished_runs_are_only_tested_again(seeded, capsys):
     work, root, common = seeded
     last = work / "logs" / "Demo-PEDES" / "smoke_seed3" / "last.pth"
     before = last.stat().st_mtime_ns
-    assert run_preset.main([SMOKE_CONFIG, "--seeds", "3", *common]) == 0
+    assert run_preset.main(["--config_file", SMOKE_CONFIG, "--seeds", "3", *common]) == 0
     out = capsys.readouterr().out
     assert last.stat().st_mtime_ns == before and "already finished all 2 epochs" in out and "| t2i " in out
 
@@ -88,7 +87,7 @@ def test_run_sh_test_adds_the_mean_and_std_of_the_seeds(seeded):
     (["-3"], "--seeds takes seeds of 0 or more; got -3"),
 ], ids=["none", "not-an-integer", "repeated", "negative"])
 def test_bad_seeds_are_one_line(tmp_path, capsys, seeds, message):
-    code, err = run_entry(run_preset.main, [SMOKE_CONFIG, "--seeds", *seeds, "--output_dir", str(tmp_path / "o")],
+    code, err = run_entry(run_preset.main, ["--config_file", SMOKE_CONFIG, "--seeds", *seeds, "--output_dir", str(tmp_path / "o")],
                           capsys)
     assert_one_error_line(code, err, message)
     assert not (tmp_path / "o").exists()

@@ -16,20 +16,19 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from types import SimpleNamespace
+import urllib.parse
 
-import pytest
 from PIL import Image, ImageChops
+import pytest
 
+from helpers import build_dataset, run_variant
 import retrieve
-from datasets import build_dataset
-from test_retrieve_runs import run_variant
 from utils.cli import run_main
 from utils.files import write_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVE = os.path.join(ROOT, "tools", "serve.py")
+SERVE = ["-m", "tools.serve"]
 SCREENSHOT = os.path.join(ROOT, "docs", "images", "search_page.png")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HIT = re.compile(r"^(\d+) (-?\d+\.\d{4}) (\S.*)$")
@@ -41,7 +40,7 @@ class Server:
 
     def __init__(self, args, log_path, cwd):
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, SERVE, *args, "--port", "0"], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, *SERVE, *args, "--port", "0"], stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, cwd=cwd)
         self.lines = []
         threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from solver import (LRSchedulerWithWarmup, build_lr_scheduler, build_optimizer, describe_param_groups,
-                    lr_at_epoch, param_lr_and_decay)
+from solver import (LRSchedulerWithWarmup, build_lr_scheduler, build_optimizer, describe_param_groups, lr_at_epoch,
+                    param_lr_and_decay)
 from utils.config import Config
 from utils.errors import UserError
 

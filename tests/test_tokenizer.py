@@ -1,7 +1,7 @@
 """Tokenizer ids (against open_clip's own tokenizer), the two rules beyond the reference, and MLM masking."""
+from open_clip.tokenizer import SimpleTokenizer
 import pytest
 import torch
-from open_clip.tokenizer import SimpleTokenizer
 
 from utils import tokenizer as T
 from utils.errors import UserError

@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import ddp_worker
 from datasets import dataset_from_config
 from datasets.loaders import build_train_loader, set_loader_epoch
+import ddp_worker
+from helpers import ITERS, SMOKE
 from model import build_model
 from processor.trainer import Trainer
-from reliability_helpers import ITERS, SMOKE, tiny_root  # noqa: F401
 from solver import build_lr_scheduler, build_optimizer
 from utils.config import build_config
 from utils.env import epoch_seed

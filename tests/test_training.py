@@ -6,9 +6,9 @@ import pytest
 import torch
 import yaml
 
-import test as test_entry
-from conftest import SMOKE_CONFIG
+from helpers import SMOKE_CONFIG
 from model.backbone import residual_blocks
+import test as test_entry
 from utils.cli import run_main
 
 

@@ -1,6 +1,11 @@
 """Check a data set on disk: layout, annotation file, image files (optionally decoding each), statistics.
 
-    python tools/check_dataset.py --dataset_name CUHK-PEDES --root_dir ./data [--decode]
+    python -m tools.check_dataset --dataset_name CUHK-PEDES --root_dir ./data [--decode]
+    python -m tools.check_dataset --dataset_name custom --annotation_file my.csv --decode
+    python -m tools.check_dataset --config_file RUN/configs.yaml --decode
+
+Every option of a data set can be given (`--root_dir`, `--annotation_file`, `--val_holdout_ids`, a plug-in's own
+with its `--custom_imports`), or read from a config file.
 
 Prints the split summary and compares it with the published statistics (SPEC 2). Exit status: 0 when all is
 well, 1 with a list of problems (statistics that differ, images that do not decode), 2 when the data set cannot
@@ -8,17 +13,15 @@ be loaded at all (the one-line reason is printed).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from datasets import DATASETS, PedesDataset, build_dataset  # noqa: E402
-from datasets.image_text import read_image  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from datasets import PedesDataset, dataset_from_config
+from datasets.image_text import read_image
+from utils.cli import DEBUG, Command, Flag, integer, parse_command_line, run_main
+from utils.config import build_config
+from utils.errors import UserError
 
 Stats = Tuple[int, int, Optional[int]]  # ids, images, captions (None: not checked per split)
 
@@ -66,18 +69,17 @@ def decode_all(dataset: PedesDataset, workers: int) -> List[str]:
         return [msg for msg in pool.map(check, paths, chunksize=64) if msg]
 
 
+COMMAND = Command("python -m tools.check_dataset", __doc__, flags=(
+    Flag("config_file", "read the data set's options from this config (then the command line's)", metavar="FILE"),
+    Flag("decode", "also open and decode every image", nargs=0),
+    Flag("workers", "threads used by --decode", type=integer, default=os.cpu_count() or 1), DEBUG))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset_name", required=True, help=f"one of {', '.join(DATASETS)}")
-    parser.add_argument("--root_dir", default="./data", help="folder holding <dataset_name>/")
-    parser.add_argument("--decode", action="store_true", help="also open and decode every image")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads used by --decode")
-    args = parser.parse_args(argv)
-    try:
-        dataset = build_dataset(args.dataset_name, args.root_dir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parse_command_line(COMMAND, argv)
+    if not args.config_file and "dataset_name" not in args.overrides:
+        raise UserError("name the data set: --dataset_name NAME (or --config_file FILE)")
+    dataset = dataset_from_config(build_config(args.config_file, args.overrides))
     print(dataset.summary())
     problems = compare_statistics(dataset)
     if args.decode:
@@ -92,4 +94,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -7,31 +7,27 @@ batch, on the Demo-PEDES test split as annotated (two captions per image) and on
 caption per image, both lists in identity order, so query batch k and gallery batch k hold the same people).
 Writes the table to docs/batch_leak.md.
 
-    python tools/leak_study.py            (or: sh run.sh leak-study)
+    sh run.sh leak-study [--key value ...]        (or: python -m tools.leak_study)
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
-import sys
 import time
+from typing import Dict
+
+import torch
+
+from datasets import dataset_from_config
+from evaluation.audit import ORDERS, audit
+from model import load_model
+from processor.training import train
+from utils.cli import DEBUG, Command, Flag, integer, parse_command_line, run_main
+from utils.config import Config, build_config
+from utils.logger import setup_logger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-import train  # noqa: E402
-from datasets import dataset_from_config  # noqa: E402
-from evaluation.audit import ORDERS, audit  # noqa: E402
-from model import load_model  # noqa: E402
-from utils.cli import run_main, split_argv  # noqa: E402
-from utils.config import build_config  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.logger import setup_logger  # noqa: E402
-
 MODES = ("tokens", "batch")
 ORDER_NAMES = {"file": "identity order", "shuffled": "shuffled", "single": "one per batch"}
 
@@ -47,17 +43,16 @@ def one_caption_per_image(split: dict) -> dict:
             "captions": [first[i] for i in order], "caption_img_index": list(range(len(order)))}
 
 
-def train_run(config_file: str, mode: str, overrides: dict) -> str:
-    cfg = build_config(config_file, {**overrides, "name": f"leak_{mode}", "efp_attention": mode})
-    argv = ["--config_file", config_file, "--name", cfg.name, "--efp_attention", mode]
-    for key, value in overrides.items():
-        argv += [f"--{key}", str(value)]
-    if os.path.isfile(os.path.join(cfg.run_dir, "last.pth")):
-        argv += ["--resume"]  # a finished run returns at once; an interrupted one continues
-    code = train.main(argv)
-    if code:
-        raise UserError(f"training the {mode} model failed (exit {code})")
-    return cfg.run_dir
+def study_configs(config_file: str, overrides: dict) -> Dict[str, Config]:
+    """The two runs of the study, by EFP attention mode: the config file, the command line's options (as parsed,
+    lists included), then the run's name and its attention; an interrupted run is continued."""
+    configs = {}
+    for mode in MODES:
+        cfg = build_config(config_file, {**overrides, "name": f"leak_{mode}", "efp_attention": mode})
+        if os.path.isfile(os.path.join(cfg.run_dir, "last.pth")):
+            cfg = cfg.copy(resume=True)  # a finished run returns at once; an interrupted one continues
+        configs[mode] = cfg
+    return configs
 
 
 def markdown(rows: list, command: str, seconds: float, batch_size: int) -> str:
@@ -89,17 +84,19 @@ def markdown(rows: list, command: str, seconds: float, batch_size: int) -> str:
     return "\n".join(lines)
 
 
+COMMAND = Command("sh run.sh leak-study", __doc__, flags=(
+    Flag("config_file", "the config both runs train", default=os.path.join(ROOT, "configs", "demo.yaml"),
+         metavar="FILE"),
+    Flag("out", "markdown table to write", default=os.path.join(ROOT, "docs", "batch_leak.md")),
+    Flag("eval_batch_size", "test batch size (the PHP release used 64)", type=integer, default=64), DEBUG))
+
+
 def main(argv) -> int:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config_file", default=os.path.join(ROOT, "configs", "demo.yaml"))
-    p.add_argument("--out", default=os.path.join(ROOT, "docs", "batch_leak.md"), help="markdown table to write")
-    p.add_argument("--eval_batch_size", type=int, default=64, help="test batch size (the PHP release used 64)")
-    p.add_argument("--debug", action="store_true")
-    args, overrides = split_argv(p, argv)
-    overrides.setdefault("output_dir", os.path.join("logs", "leak_study"))
+    args = parse_command_line(COMMAND, argv)
+    overrides = {"output_dir": os.path.join("logs", "leak_study"), **args.overrides}
     start = time.time()
-    run_dirs = {mode: train_run(args.config_file, mode, overrides) for mode in MODES}
+    run_dirs = {mode: train(cfg, args.config_file).run_dir
+                for mode, cfg in study_configs(args.config_file, overrides).items()}
     setup_logger()
     rows = []
     for mode, run_dir in run_dirs.items():
@@ -114,7 +111,7 @@ def main(argv) -> int:
                 m = result["modes"][order]
                 rows.append({"model": f"efp_attention: {mode}", "split": split_name, "order": ORDER_NAMES[order],
                              **m})
-    command = "python tools/leak_study.py " + " ".join(argv)
+    command = "sh run.sh leak-study " + " ".join(argv)
     text = markdown(rows, command.strip(), time.time() - start, args.eval_batch_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:

@@ -25,7 +25,7 @@ python retrieve.py --config_file "$RUN/configs.yaml" --split test --topk 6 \
 python -c "import sys; from PIL import Image; p = sys.argv[1]; Image.open(p).quantize(256).save(p, optimize=True)" \
     "$OUT/retrieval.png"
 
-python tools/plot_curves.py "$RUN"
+python -m tools.plot_curves "$RUN"
 cp "$RUN/curves.png" "$OUT/curves.png"
 
 python test.py --config_file "$RUN/configs.yaml"

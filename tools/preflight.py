@@ -1,44 +1,23 @@
 """Check before training that a config's data set and pretrained weights are where it says; list what is missing.
 
-`python tools/preflight.py --config_file configs/php_cuhk.yaml [--key value ...]`: exit 0 when ready, 2 with one
-line per missing piece.
+`python -m tools.preflight --config_file configs/php_cuhk.yaml [--key value ...]`: exit 0 when ready, 2 with one
+line per missing piece (processor.presets.problems; `sh run.sh <preset>` makes the same check).
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from processor.presets import problems
+from utils.cli import DEBUG, Command, Flag, parse_command_line, run_main
+from utils.config import build_config
 
-from datasets import dataset_from_config  # noqa: E402
-from model.backbone import resolve_pretrained_path  # noqa: E402
-from utils.cli import run_main, split_argv  # noqa: E402
-from utils.config import build_config  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-
-
-def problems(cfg) -> list:
-    found = []
-    if cfg.dataset_name != "Demo-PEDES":  # generated on first use
-        try:
-            dataset_from_config(cfg, check_images=False)
-        except UserError as e:
-            found.append(str(e))
-    try:
-        resolve_pretrained_path(cfg.pretrain_choice, cfg.pretrained_dir)
-    except UserError as e:
-        found.append(str(e))
-    return found
+COMMAND = Command("python -m tools.preflight", __doc__, flags=(
+    Flag("config_file", "the preset's YAML", required=True, metavar="FILE"), DEBUG))
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
-    p.add_argument("--config_file", required=True)
-    p.add_argument("--debug", action="store_true")
-    args, overrides = split_argv(p, argv)
-    cfg = build_config(args.config_file, overrides)
-    found = problems(cfg)
+    args = parse_command_line(COMMAND, argv)
+    found = problems(build_config(args.config_file, args.overrides))
     for line in found:
         print(f"missing: {line}", file=sys.stderr)
     return 2 if found else 0

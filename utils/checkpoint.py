@@ -101,8 +101,7 @@ def _why_unreadable(path: str, error: Exception) -> str:
 def remove_partial_checkpoints(folder: str) -> List[str]:
     """Delete the temporary files that runs killed while writing a checkpoint left in `folder`; returns their names.
 
-    The temporary file of a writer that still runs is kept. train.py calls it holding the run folder's lock, so
-    a temporary named without a pid (by an earlier version) cannot belong to a running save: removed at any age.
+    The temporary file of a writer that still runs is kept.
     """
-    removed = remove_orphan_temps(folder, _CHECKPOINT_NAMES, legacy_max_age_s=0)
+    removed = remove_orphan_temps(folder, _CHECKPOINT_NAMES)
     return [os.path.basename(path) for path, _ in removed]

@@ -8,7 +8,6 @@ lists. Options retired from the schema (utils.schema.RETIRED) are dropped from f
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import os
@@ -18,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from utils.errors import UserError, short_repr
+from utils.errors import UserError, did_you_mean, short_repr
 from utils.files import reading, write_atomic
 from utils.plugins import import_plugins
 from utils.schema import CORE, PLUGIN_OPTIONS, RETIRED, Config, Option, option  # noqa: F401 - re-exported
@@ -28,14 +27,6 @@ logger = logging.getLogger("php")
 
 def option_names() -> List[str]:
     return [*CORE, *PLUGIN_OPTIONS]
-
-
-def suggest(name: str, names: Optional[List[str]] = None) -> str:
-    names = option_names() if names is None else names
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    if not close:
-        close = [k for k in names if k.lower() == name.lower()]
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 class _TupleSafeLoader(yaml.SafeLoader):
@@ -179,27 +170,82 @@ def _check_option(opt: Option, value: Any, source: str) -> None:
             raise UserError(f"{source}: option '{opt.name}' must be {opt.minimum} or more; got {number}")
 
 
+def _rule_loss_names(get, source):
+    if not [n for n in str(get("loss_names")).split("+") if n]:
+        raise UserError(f"{source}: option 'loss_names' must name at least one loss; got {short_repr(get('loss_names'))}")
+
+
+def _rule_img_size(get, source):
+    size = get("img_size")
+    if len(size) != 2 or min(size) <= 0:
+        raise UserError(f"{source}: option 'img_size' expects [height, width]; got {short_repr(size)}")
+
+
+def _rule_topk(get, source):
+    if not 1 <= get("topk") <= get("num_experts"):
+        raise UserError(f"{source}: option 'topk' must be between 1 and num_experts ({get('num_experts')}); "
+                        f"got {get('topk')}")
+
+
+def _rule_betas(get, source):
+    for key in ("alpha", "beta"):
+        if get(key) >= 1:
+            raise UserError(f"{source}: option '{key}' (an Adam beta) must be below 1; got {get(key)}")
+
+
+def _rule_identity_batch(get, source):
+    if get("sampler") == "identity" and get("batch_size") % get("num_instance"):
+        raise UserError(f"{source}: batch_size ({get('batch_size')}) must be a multiple of num_instance "
+                        f"({get('num_instance')}) for the identity sampler")
+
+
+def _rule_warmup(get, source):
+    if get("lrscheduler") != "step" and get("warmup_epochs") >= get("num_epoch"):
+        raise UserError(f"{source}: option 'warmup_epochs' ({get('warmup_epochs')}) must be smaller than "
+                        f"num_epoch ({get('num_epoch')}) for the {get('lrscheduler')} schedule")
+
+
+def _rule_milestones(get, source):
+    milestones = list(get("milestones"))
+    if milestones != sorted(milestones):
+        raise UserError(f"{source}: option 'milestones' must be in increasing order; got {milestones}")
+
+
+def _rule_mlm_rates(get, source):
+    if get("masked_token_rate") + get("masked_token_unchanged_rate") > 1 + 1e-9:
+        raise UserError(f"{source}: masked_token_rate ({get('masked_token_rate')}) and masked_token_unchanged_rate "
+                        f"({get('masked_token_unchanged_rate')}) must sum to at most 1")
+
+
+# Checks that involve several options: each applies to a set of values that holds all of its keys.
+RULES = [
+    (("loss_names",), _rule_loss_names), (("img_size",), _rule_img_size), (("topk", "num_experts"), _rule_topk),
+    (("alpha", "beta"), _rule_betas), (("sampler", "batch_size", "num_instance"), _rule_identity_batch),
+    (("lrscheduler", "warmup_epochs", "num_epoch"), _rule_warmup), (("milestones",), _rule_milestones),
+    (("masked_token_rate", "masked_token_unchanged_rate"), _rule_mlm_rates),
+]
+
+
+def check_options(values: Dict[str, Any], source: str = "config") -> None:
+    """The schema's checks of `values` (option name -> value, all of a config or a part of it): each option's
+    choices and bounds, then every rule whose options are all present. The one place options are validated;
+    modules that take options from elsewhere (a checkpoint, a mapping) call it for theirs."""
+    for name, value in values.items():
+        opt = option(name)
+        if opt is not None:
+            _check_option(opt, value, source)
+    for keys, rule in RULES:
+        if all(k in values for k in keys):
+            rule(values.__getitem__, source)
+
+
 def validate(cfg: Config, source: str = "config") -> Config:
     """Check values that types alone do not constrain; raise UserError naming the key. (Names of heads, losses
     and data sets are checked by their registries, when the model and the data set are built.)"""
-    for name in [*CORE, *cfg.plugin_options]:
-        _check_option(option(name), getattr(cfg, name), source)
+    check_options({name: getattr(cfg, name) for name in [*CORE, *cfg.plugin_options]}, source)
     check_run_name(cfg.name, source)
     if not DEVICE_PATTERN.match(cfg.device):
         raise UserError(f"{source}: option 'device' must be auto, cpu, cuda or cuda:N; got {short_repr(cfg.device)}")
-    if not cfg.losses:
-        raise UserError(f"{source}: option 'loss_names' must name at least one loss; got {short_repr(cfg.loss_names)}")
-    if len(cfg.img_size) != 2 or min(cfg.img_size) <= 0:
-        raise UserError(f"{source}: option 'img_size' expects [height, width]; got {short_repr(cfg.img_size)}")
-    if not 1 <= cfg.topk <= cfg.num_experts:
-        raise UserError(f"{source}: option 'topk' must be between 1 and num_experts ({cfg.num_experts}); "
-                        f"got {cfg.topk}")
-    for key in ("alpha", "beta"):
-        if getattr(cfg, key) >= 1:
-            raise UserError(f"{source}: option '{key}' (an Adam beta) must be below 1; got {getattr(cfg, key)}")
-    if cfg.sampler == "identity" and cfg.batch_size % cfg.num_instance:
-        raise UserError(f"{source}: batch_size ({cfg.batch_size}) must be a multiple of num_instance "
-                        f"({cfg.num_instance}) for the identity sampler")
     return cfg
 
 
@@ -213,37 +259,10 @@ def apply(cfg: Config, values: Dict[str, Any], source: str) -> Config:
             if key in PLUGIN_OPTIONS:
                 hint = f"; it belongs to the plug-in {PLUGIN_OPTIONS[key].owner}, which custom_imports does not list"
             else:
-                hint = suggest(str(key), [*CORE, *cfg.plugin_options])
+                hint = did_you_mean(key, [*CORE, *cfg.plugin_options])
             raise UserError(f"{source}: unknown option '{shown}'{hint}")
         setattr(cfg, key, _coerce(opt, value, source))
     return cfg
-
-
-def parse_overrides(tokens: List[str]) -> Dict[str, Any]:
-    """Turn ['--lr', '1e-5', '--img_size', '384', '128', '--img_aug', 'false'] into a dict of strings/lists.
-
-    A flag followed directly by another flag (or nothing) means `true`, so `--img_aug` alone switches it on.
-    Names are checked when the values are applied, once the plug-ins that may declare them are imported.
-    """
-    out: Dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if not tok.startswith("--"):
-            raise UserError(f"command line: expected an option starting with '--', got {short_repr(tok)}")
-        key = tok[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            out[key] = value
-            i += 1
-            continue
-        values = []
-        i += 1
-        while i < len(tokens) and not tokens[i].startswith("--"):
-            values.append(tokens[i])
-            i += 1
-        out[key] = "true" if not values else (values[0] if len(values) == 1 else values)
-    return out
 
 
 def config_from_values(values: Dict[str, Any], source: str, overrides: Optional[Dict[str, Any]] = None,

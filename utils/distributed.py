@@ -139,11 +139,6 @@ def use_global_batch(model: torch.nn.Module, world_size: int) -> None:
             module.reduce_stats = reducer
 
 
-def check_world(cfg_batch_size: int, world_size: int) -> None:
-    if world_size > 1 and cfg_batch_size < world_size:
-        raise UserError(f"batch_size {cfg_batch_size} is smaller than the number of processes {world_size}")
-
-
 @contextlib.contextmanager
 def main_process_first() -> Iterator[None]:
     """Rank 0 runs the block first, the others once it is done (e.g. generating a data set they then read)."""

@@ -4,6 +4,7 @@ Library code raises `UserError` with a one-line explanation (what is wrong, whic
 expected). Entry points (`train.py`, `test.py`, `retrieve.py`) print that line and exit non-zero without a
 traceback unless `--debug` is given.
 """
+import difflib
 import re
 import reprlib
 
@@ -38,3 +39,19 @@ def short_repr(value) -> str:
     walked), so messages never quote it whole.
     """
     return _SHORT.repr(value)
+
+
+def closest(name, names):
+    """The entry of `names` closest to `name` (or equal to it up to case); None when none is close."""
+    names = [str(n) for n in names]
+    close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
+    if not close:
+        close = [n for n in names if n.lower() == str(name).lower()]
+    return close[0] if close else None
+
+
+def did_you_mean(name, names, prefix: str = "") -> str:
+    """'; did you mean 'x'?' for the entry of `names` closest to `name`, else '': the one suggestion every
+    "unknown ..." message of the project ends with (options, flags, heads, losses, data sets)."""
+    close = closest(name, names)
+    return f"; did you mean '{prefix}{close}'?" if close is not None else ""

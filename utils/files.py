@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
 import shutil
-import time
 from typing import IO, Callable, Iterator, List, Sequence, Tuple, Union
 
 from utils.errors import UserError
 
 TMP_SUFFIX = ".tmp"
-# A temporary file whose name carries no pid (named before names had one) is abandoned once this old.
-LEGACY_TEMP_MAX_AGE_S = 3600
 Content = Union[str, bytes, Callable[[IO[bytes]], None]]
 
 
@@ -130,18 +128,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_orphan_temps(folder: str, names_like: str,
-                        legacy_max_age_s: float = LEGACY_TEMP_MAX_AGE_S) -> List[Tuple[str, str]]:
+def remove_orphan_temps(folder: str, names_like: str) -> List[Tuple[str, str]]:
     """Delete the temporary files that writers killed mid-write left in `folder`; returns (path, why) pairs.
 
     `names_like` is a regular expression for the name of the file a temporary was to become: `<name>` in
-    `.<name>.<pid>-<random>.tmp`; names an earlier version wrote, `.<name>.<random>.tmp` and
-    `.<name>-[<pid>-]<random>.tmp`, match too. A file whose pid is alive belongs to a concurrent writer and is
-    kept; one without a pid is removed once it is `legacy_max_age_s` old. Call it while this process writes
-    nothing into `folder`: a file named with its own pid is then the leftover of an earlier process that had the
-    same pid (a container's processes get the same pids on every start).
+    `.<name>.<pid>-<random>.tmp` (temp_path_beside). A file whose pid is alive belongs to a concurrent writer and
+    is kept. Call it while this process writes nothing into `folder`: a file named with its own pid is then the
+    leftover of an earlier process that had the same pid (a container's processes get the same pids on every
+    start).
     """
-    pattern = re.compile(rf"^\.(?:{names_like})[.-](?:(\d+)-)?\w+{re.escape(TMP_SUFFIX)}$")
+    pattern = re.compile(rf"^\.(?:{names_like})\.(\d+)-[0-9a-f]+{re.escape(TMP_SUFFIX)}$")
     try:
         names = sorted(os.listdir(folder))
     except OSError:
@@ -151,23 +147,31 @@ def remove_orphan_temps(folder: str, names_like: str,
         match = pattern.match(name)
         if not match:
             continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
         path = os.path.join(folder, name)
-        if match.group(1) is not None:
-            pid = int(match.group(1))
-            if pid != os.getpid() and _pid_alive(pid):
-                continue
-            why = f"its writer, process {pid}, is gone"
-        else:
-            try:
-                age = time.time() - os.stat(path).st_mtime
-            except OSError:
-                continue
-            if age < legacy_max_age_s:
-                continue
-            why = f"untouched for {age / 3600:.1f} h"
         try:
             os.unlink(path)
         except OSError:
             continue  # removed meanwhile by another process, or a read-only folder: nothing to report
-        removed.append((path, why))
+        removed.append((path, f"its writer, process {pid}, is gone"))
     return removed
+
+
+def check_output_dir(path: str, needed_bytes: int = 0) -> None:
+    """The run folder exists or can be created, is writable, and its disk has room for `needed_bytes` more.
+
+    Writes nothing, creates nothing: a command that fails later must leave no folder behind.
+    """
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"output folder {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {path} is not writable ({existing}: {os.strerror(errno.EACCES)})")
+    free = shutil.disk_usage(existing).free
+    if needed_bytes and free < needed_bytes:
+        raise UserError(f"output folder {path} has {free / 2**30:.2f} GiB free but checkpoints need about "
+                        f"{needed_bytes / 2**30:.2f} GiB; free some space or set --output_dir elsewhere")

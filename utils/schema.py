@@ -18,6 +18,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from utils.errors import short_repr
 
 PHP_MODULES = ("none", "crfm", "efp", "crfm+efp")
+# How a trained run is loaded (model.load_model's `compat`, --compat of the evaluating tools): an argument of
+# loading, not an option of the config, since the same weights are evaluated either way.
+COMPAT_MODES = ("auto", "none", "php_v1")
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,6 @@ class Config:
     resume_ckpt_file: str = _opt("", "Checkpoint to resume from instead of <run>/last.pth.")
     overwrite: bool = _opt(False, "Start afresh in a run folder that already holds checkpoints, replacing them "
                                   "(without it, such a start is refused).")
-    compat: str = _opt("auto", "Loading a run: 'none' (batch-independent embeddings), 'php_v1' (the reference "
-                               "release's cross-batch EFP attention, to reproduce its numbers) or 'auto' "
-                               "(php_v1 for published PHP checkpoints only).", ("auto", "none", "php_v1"))
     tensorboard: bool = _opt(True, "Write TensorBoard scalars to <run>/tensorboard.")
     skip_nonfinite_steps: int = _opt(0, "Tolerate up to this many steps with a non-finite loss (skipped) "
                                         "before stopping the run.", minimum=0)
@@ -245,6 +245,7 @@ RETIRED = {
     "distributed": "set by torchrun",
     "world_size": "set by torchrun (recorded in the checkpoint)",
     "local_rank": "set by torchrun",
+    "compat": "how a run is loaded, not how it was trained: --compat of test.py, retrieve.py and sh run.sh test/serve",
 }
 
 
@@ -275,7 +276,7 @@ def register_options(options: Sequence[Option], owner: str) -> List[str]:
 # the run's configs.yaml; `name` and `output_dir` choose the run folder itself. Documented in the README.
 RESUME_MUTABLE = ("num_epoch", "eval_period", "log_period", "num_workers", "device", "tensorboard",
                   "test_batch_size", "skip_nonfinite_steps", "torch_compile", "grad_checkpointing", "cache_images",
-                  "root_dir", "pretrained_dir", "compat", "resume", "resume_ckpt_file", "overwrite")
+                  "root_dir", "pretrained_dir", "resume", "resume_ckpt_file", "overwrite")
 _RUN_FOLDER_KEYS = ("name", "output_dir")
 
 

@@ -1,48 +1,41 @@
-"""The cross-domain matrix: `sh run.sh test --cross [RUN_DIR ...] [--root_dir DIR] [--cross_datasets FILE ...]
-[--key value ...]`.
+"""The cross-domain matrix: every run evaluated on the test split of every data set found (`sh run.sh test --cross`).
 
 Every run (the run folders named, or every folder under ./logs holding configs.yaml and best.pth) is evaluated on
-the test split of every registered data set whose folder exists under `--root_dir` (default ./data; nothing is
-generated there), and on each annotation file given with `--cross_datasets` (`dataset_name: custom`, a JSON list
-or a CSV, see datasets/custom.py; the column is named by the file name without extension). `--cross_datasets`
-takes the tokens after it up to the next option, folder or .yaml file, and may be repeated.
+the test split of every registered data set whose folder exists under the data root (nothing is generated there),
+and on each annotation file given (`dataset_name: custom`, a JSON list or a CSV, see datasets/custom.py; the column
+is named by the file name without extension).
 
 Each run is loaded once and evaluated with its own settings (img_size, text_length, test_batch_size, precision);
-each test set is parsed once for all runs. Embeddings are batch-independent (compat none) unless `--compat` says
-otherwise. Other `--key value` options apply to every run, as in `sh run.sh test`.
+each test set is parsed once for all runs. Embeddings are batch-independent (compat none) unless the request says
+otherwise.
 
 Written to ./logs/cross_domain.md (runs x test sets, R1 with the in-domain cell in bold, printed too) and
 ./logs/cross_domain.csv (one row per run and test set: run, trained_on, test_set, R1, R5, R10, mAP, mINP,
 in_domain). A run that cannot be evaluated on a set gets an empty cell and a note saying why; the others still
-run. Exit status: 0 when every cell was filled, 1 when any failed, 2 for bad options.
+run.
 """
 from __future__ import annotations
 
 import csv
 import io
-import itertools
 import logging
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from datasets import DATASETS, dataset_from_config, found_under
+from datasets.loaders import build_eval_loaders
+from evaluation.metrics import METRIC_KEYS as METRICS
+from evaluation.runs import (LOGS, EvaluationRequest, config_path, evaluate_modes, failure_message, load_run,
+                             run_label, runs_to_evaluate, write_text)
+from model.loading import CompatibilityWarning
+from utils.config import Config, read_yaml
+from utils.env import resolve_device
+from utils.errors import UserError
 
-from tools import evaluate_runs  # noqa: E402
-from datasets import DATASETS, dataset_from_config, found_under  # noqa: E402
-from datasets.loaders import build_eval_loaders  # noqa: E402
-from evaluation.metrics import METRIC_KEYS as METRICS  # noqa: E402
-from model.loading import CompatibilityWarning  # noqa: E402
-from utils.cli import run_main  # noqa: E402
-from utils.config import Config, apply, read_yaml  # noqa: E402
-from utils.env import resolve_device  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.logger import setup_logger  # noqa: E402
-
-MD_PATH = os.path.join(evaluate_runs.LOGS, "cross_domain.md")
-CSV_PATH = os.path.join(evaluate_runs.LOGS, "cross_domain.csv")
+MD_PATH = os.path.join(LOGS, "cross_domain.md")
+CSV_PATH = os.path.join(LOGS, "cross_domain.csv")
 CSV_COLUMNS = ("run", "trained_on", "test_set", *METRICS, "in_domain")
 # The test sets come from --root_dir and --cross_datasets; one named on the command line would be ignored.
 REFUSED = ("dataset_name", "annotation_file", "demo_seed")
@@ -76,31 +69,6 @@ class RunResult:
                                                      os.path.samefile(self.annotation_file, test_set.annotation_file))
 
 
-def is_annotation_token(token: str) -> bool:
-    return not token.startswith("--") and not os.path.isdir(token) and not token.lower().endswith((".yaml", ".yml"))
-
-
-def split_cross_options(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """(argv without --cross and --cross_datasets, the annotation files of --cross_datasets)."""
-    pending = list(argv)
-    rest: List[str] = []
-    files: List[str] = []
-    while pending:
-        token = pending.pop(0)
-        if token == "--cross_datasets":
-            taken = list(itertools.takewhile(is_annotation_token, pending))
-            if not taken:
-                raise UserError("--cross_datasets needs at least one annotation file (a JSON list or a CSV, "
-                                "see datasets/custom.py)")
-            files += taken
-            del pending[:len(taken)]
-        elif token.startswith("--cross_datasets="):
-            files.append(token.split("=", 1)[1])
-        elif token != "--cross":
-            rest.append(token)
-    return rest, files
-
-
 def find_test_sets(root_dir: str, files: Sequence[str]) -> List[TestSet]:
     """The registered data sets found under `root_dir`, then the annotation files, each checked to exist."""
     for path in files:
@@ -127,14 +95,14 @@ def find_test_sets(root_dir: str, files: Sequence[str]) -> List[TestSet]:
 class CrossEvaluation:
     """Fills the matrix run by run, parsing each test set the first time a run needs it."""
 
-    def __init__(self, args: evaluate_runs.Arguments, root_dir: str, skip_missing_images: bool,
+    def __init__(self, request: EvaluationRequest, root_dir: str, skip_missing_images: bool,
                  logger: logging.Logger):
-        self.args = args
+        self.request = request
         self.root_dir = root_dir
         self.skip_missing_images = skip_missing_images
         self.logger = logger
-        self.debug = "--debug" in args.flags
-        self.device = str(resolve_device(str(args.overrides.get("device", "auto"))))
+        self.debug = request.debug
+        self.device = str(resolve_device(str(request.overrides.get("device", "auto"))))
         self.splits: Dict[TestSet, Union[dict, str]] = {}  # a set that cannot be parsed: the reason
         self.notes: List[str] = []
 
@@ -152,18 +120,18 @@ class CrossEvaluation:
             try:
                 self.splits[test_set] = dataset_from_config(data_cfg).split("test")
             except Exception as e:  # noqa: BLE001 - a set that cannot be read leaves the other sets to run
-                self.splits[test_set] = evaluate_runs.failure_message(e, self.debug)
+                self.splits[test_set] = failure_message(e, self.debug)
                 self.note(f"{test_set.name}: {self.splits[test_set]}")
         split = self.splits[test_set]
         return None if isinstance(split, str) else split
 
     def evaluate(self, run: str, test_sets: Sequence[TestSet], requested: str) -> RunResult:
         """The row of one run; each cell that fails is None, with a note."""
-        result = RunResult(evaluate_runs.run_label(run), cells={s.name: None for s in test_sets})
+        result = RunResult(run_label(run), cells={s.name: None for s in test_sets})
         try:
-            loaded = evaluate_runs.load_run(run, self.args, self.device, requested)
+            loaded = load_run(run, self.request, self.device, requested)
         except Exception as e:  # noqa: BLE001 - one broken run must not stop the others
-            self.note(f"{result.label}: {evaluate_runs.failure_message(e, self.debug)}")
+            self.note(f"{result.label}: {failure_message(e, self.debug)}")
             set_training_data(result, read_training_data(run))
             return result
         cfg = loaded.cfg
@@ -175,18 +143,18 @@ class CrossEvaluation:
                 continue
             self.logger.info("evaluating %s on %s (compat %s)", result.label, test_set.name, loaded.compat)
             try:
-                metrics = evaluate_runs.evaluate_modes(loaded.model, [loaded.compat], build_eval_loaders(cfg, split),
-                                                       cfg.precision, f"{result.label} on {test_set.name}")
+                metrics = evaluate_modes(loaded, [loaded.compat], build_eval_loaders(cfg, split),
+                                         f"{result.label} on {test_set.name}")
                 result.cells[test_set.name] = {k: float(metrics[loaded.compat][k]) for k in METRICS}
             except Exception as e:  # noqa: BLE001 - the run's other test sets still run
-                self.note(f"{result.label} on {test_set.name}: {evaluate_runs.failure_message(e, self.debug)}")
+                self.note(f"{result.label} on {test_set.name}: {failure_message(e, self.debug)}")
         return result
 
 
 def read_training_data(run: str) -> Tuple[str, str]:
     """(dataset_name, annotation_file) of a run that could not be loaded, as far as its config says."""
     try:
-        raw = read_yaml(evaluate_runs.config_path(run))
+        raw = read_yaml(config_path(run))
     except UserError:
         return "", ""
     return str(raw.get("dataset_name") or ""), str(raw.get("annotation_file") or "")
@@ -244,36 +212,25 @@ def csv_long(results: Sequence[RunResult], test_sets: Sequence[TestSet]) -> str:
     return out.getvalue()
 
 
-def main(argv: Sequence[str]) -> int:
-    """Evaluate every run on every test set, print and write the matrix; 1 if any cell failed."""
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        return 0
-    rest, files = split_cross_options(argv)
-    args = evaluate_runs.parse_arguments(rest)
-    refused = [k for k in REFUSED if k in args.overrides]
+def cross_domain_matrix(request: EvaluationRequest, root_dir: str, files: Sequence[str],
+                        skip_missing_images: bool = False) -> int:
+    """Evaluate every run on every test set, print and write the matrix; the number of cells that failed."""
+    refused = [k for k in REFUSED if k in request.overrides]
     if refused:
         raise UserError(f"--cross: --{refused[0]} does not apply; the test sets are the data sets under --root_dir "
                         f"and the annotation files of --cross_datasets")
-    options = apply(Config(), args.overrides, "command line")
-    test_sets = find_test_sets(options.root_dir, files)
-    runs = evaluate_runs.runs_to_evaluate(args)
-    logger = setup_logger()
-    evaluation = CrossEvaluation(args, options.root_dir, options.skip_missing_images, logger)
-    requested = str(args.overrides.get("compat", "none"))
+    test_sets = find_test_sets(root_dir, files)
+    runs = runs_to_evaluate(request.runs)
+    evaluation = CrossEvaluation(request, root_dir, skip_missing_images, logging.getLogger("php"))
     with warnings.catch_warnings():
         # Every run evaluated in php_v1 mode warns, not only the first one (Python shows a warning once per line).
         warnings.simplefilter("always", CompatibilityWarning)
-        results = [evaluation.evaluate(run, test_sets, requested) for run in runs]
-    matrix = markdown_matrix(results, test_sets, options.root_dir, evaluation.notes)
+        results = [evaluation.evaluate(run, test_sets, request.compat) for run in runs]
+    matrix = markdown_matrix(results, test_sets, root_dir, evaluation.notes)
     print(matrix, end="")
-    evaluate_runs.write_text(MD_PATH, matrix)
-    evaluate_runs.write_text(CSV_PATH, csv_long(results, test_sets))
+    write_text(MD_PATH, matrix)
+    write_text(CSV_PATH, csv_long(results, test_sets))
     failed = sum(metrics is None for r in results for metrics in r.cells.values())
-    logger.info("cross-domain matrix written to %s and %s%s", MD_PATH, CSV_PATH,
-                f"; {failed} of {len(results) * len(test_sets)} cells failed" if failed else "")
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    run_main(main)
+    evaluation.logger.info("cross-domain matrix written to %s and %s%s", MD_PATH, CSV_PATH,
+                           f"; {failed} of {len(results) * len(test_sets)} cells failed" if failed else "")
+    return failed

@@ -1,4 +1,4 @@
-"""The search page of tools/serve.py (Gradio): a query box, a caption selector, one row of hits per run, and a
+"""The search page of `sh run.sh serve` (Gradio, served by evaluation/web.py): a query box, a caption selector, one row of hits per run, and a
 larger view of an image on click.
 
 Each hit is a button holding its thumbnail (`thumb/<gallery index>`) and "#rank score", framed green when it shows
@@ -138,7 +138,7 @@ def results_html(service, text: str, k, runs: Optional[Sequence[str]]) -> str:
 
 
 def build_page(service, default_k: int = 10) -> gr.Blocks:
-    """The page's layout and events; `service` is tools/serve.py's Service."""
+    """The page's layout and events; `service` is evaluation.web.Service."""
     chooser = random.Random()
     names = service.names
     default_k = min(default_k, MAX_K)

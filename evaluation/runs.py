@@ -1,0 +1,299 @@
+"""Run folders: finding them, loading them, evaluating them, and the summary table (`sh run.sh test`).
+
+A run folder holds `configs.yaml` and `best.pth` (this project's runs, and published IRRA / PHP folders alike).
+`evaluate_folders` evaluates each on the test split of its own data set (its own data-set options and plug-ins,
+the command line's options applied on top) and returns one summary row per run and compat mode; a run that cannot
+be evaluated gets a row with the reason. A published PHP run gives two rows: compat `php_v1` (the reference
+protocol: EFP attention across the batch, test split in file order at the config's test_batch_size; SPEC 8) and
+`none` (batch-independent embeddings), unless one compat mode is asked for. `write_summary` prints the table and
+writes it to ./logs/summary.md and ./logs/summary.csv (relative to the current folder).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Sequence
+
+import torch
+
+from datasets import dataset_from_config
+from datasets.loaders import build_eval_loaders
+from evaluation.embed import embed_loaders
+from evaluation.eval_log import append_evaluation, count_test_evaluations
+from evaluation.scoring import embedding_metrics
+from evaluation.search import shown_path
+from evaluation.summary import METRICS, Row, csv_table, experiment_key, markdown_table, with_groups
+from model import load_model
+from model.checkpoint_compat import efp_attention_for
+from model.loading import CompatibilityWarning, LoadedRun
+from utils.config import Config, build_config, config_from_values
+from utils.env import resolve_device
+from utils.errors import UserError
+from utils.files import write_atomic
+from utils.provenance import git_state, sha256_file
+from utils.runlock import RunLock
+
+logger = logging.getLogger("php")
+LOGS = "logs"
+# The options every data set's builder may read; a plug-in data set's own options are added per run.
+DATA_KEYS = ("dataset_name", "root_dir", "annotation_file", "val_holdout_ids", "skip_missing_images", "demo_seed",
+             "custom_imports")
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """What `sh run.sh test` was asked: the run folders (none: every one under ./logs), options for every run."""
+
+    runs: Sequence[str] = ()
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    compat: str = "auto"
+    trusted: bool = False
+    debug: bool = False
+
+
+def discover_runs(logs_dir: str = LOGS) -> List[str]:
+    """Every folder under `logs_dir` (any depth) that holds both configs.yaml and best.pth, sorted."""
+    found = []
+    for folder, _, files in os.walk(logs_dir):
+        if "configs.yaml" in files and "best.pth" in files:
+            found.append(os.path.normpath(folder))
+    return sorted(found)
+
+
+def runs_to_evaluate(runs: Sequence[str]) -> List[str]:
+    """The run folders named, else every one found under ./logs; at least one."""
+    runs = list(runs) or discover_runs()
+    if not runs:
+        raise UserError(f"no run folders under ./{LOGS} (folders holding configs.yaml and best.pth); put one there, "
+                        f"e.g. {LOGS}/ICFG-PEDES/irra_icfg/, or name run folders on the command line")
+    return runs
+
+
+def is_config_file(run: str) -> bool:
+    return os.path.isfile(run) and run.endswith((".yaml", ".yml"))
+
+
+def run_label(run: str) -> str:
+    """How a run is named in the summary: its folder, relative to the current folder when inside it."""
+    return shown_path(os.path.dirname(os.path.abspath(run)) if is_config_file(run) else run)
+
+
+def config_path(run: str) -> str:
+    """The configs.yaml of a run folder (a path to the YAML file itself is accepted too)."""
+    if is_config_file(run):
+        return run
+    if not os.path.isdir(run):
+        raise UserError(f"run folder not found: {run}")
+    path = os.path.join(run, "configs.yaml")
+    if not os.path.isfile(path):
+        raise UserError(f"run folder {run} has no configs.yaml")
+    return path
+
+
+def run_config(run: str, overrides: Dict[str, Any]) -> Config:
+    """The run's options (its configs.yaml, its plug-ins imported, then `overrides`), read without its checkpoint:
+    enough to find its data."""
+    return build_config(config_path(run), overrides, check=False)
+
+
+def load_run(run: str, request: EvaluationRequest, device: str, compat: str) -> LoadedRun:
+    """The run folder's model, with the request's options applied to it, in `compat` mode."""
+    loaded = load_model(config_path(run), device=device, compat=compat, overrides=dict(request.overrides),
+                        trusted=request.trusted)
+    if "num_workers" not in request.overrides:
+        # Published configs carry their authors' worker count (8); more workers than cores only adds start-up.
+        loaded.cfg.num_workers = min(loaded.cfg.num_workers, available_cpus())
+    return loaded
+
+
+def failure_message(error: Exception, debug: bool) -> str:
+    """The one line that says why a run (or a cell) failed; with `debug` the error itself, for its traceback."""
+    if debug:
+        raise error
+    if isinstance(error, UserError):
+        return str(error)
+    return f"unexpected {type(error).__name__}: {(str(error).splitlines() or [''])[0]} (rerun with --debug)"
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class SplitCache:
+    """Test splits parsed once per data set (every option its builder reads) and shared by the runs that read it."""
+
+    def __init__(self) -> None:
+        self._splits: Dict[str, object] = {}
+
+    def get(self, cfg: Config) -> dict:
+        values = {k: getattr(cfg, k) for k in [*DATA_KEYS, *cfg.plugin_options]}
+        for key in ("root_dir", "annotation_file"):
+            values[key] = os.path.abspath(values[key]) if values[key] else ""
+        key = repr(sorted(values.items()))
+        if key not in self._splits:
+            try:
+                self._splits[key] = dataset_from_config(cfg).split("test")
+            except UserError as e:
+                self._splits[key] = str(e)  # a missing data set is reported once per run, looked up once
+        value = self._splits[key]
+        if isinstance(value, str):
+            raise UserError(value)
+        return value
+
+
+def compat_modes(run: LoadedRun, requested: str) -> List[str]:
+    """The compatibility modes to evaluate a loaded run in, in row order."""
+    if requested == "auto" and run.layout == "php_v1":
+        return ["php_v1", "none"]
+    return [run.compat]
+
+
+def mode_note(compat: str, cfg: Config, metrics: dict) -> str:
+    """The note of a successful row: the php_v1 protocol it followed, queries left out of the means."""
+    notes = []
+    if compat == "php_v1":
+        notes.append(f"batch-dependent (SPEC 8): file order, test_batch_size {cfg.test_batch_size}")
+    if metrics.get("num_queries_without_match"):
+        notes.append(f"{metrics['num_queries_without_match']} queries without a match left out")
+    return "; ".join(notes)
+
+
+class ModesEncoder(torch.nn.Module):
+    """A model's embeddings in several compat modes side by side ([B, modes x D]).
+
+    One pass over the data then serves every mode, and each mode still sees exactly the batches a separate
+    evaluation would (file order, test_batch_size), so php_v1 numbers are those of the reference protocol.
+    """
+
+    def __init__(self, run: LoadedRun, modes: Sequence[str]):
+        super().__init__()
+        self.model, self.layout, self.configured = run.model, run.layout, run.cfg.efp_attention
+        self.modes = list(modes)
+
+    def _encode(self, encode, inputs: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for mode in self.modes:
+            self.model.set_efp_attention(efp_attention_for(mode, self.layout, self.configured))
+            outputs.append(encode(inputs).float())
+        return torch.cat(outputs, dim=1)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self._encode(self.model.encode_image, images)
+
+    def encode_text(self, caption_ids: torch.Tensor) -> torch.Tensor:
+        return self._encode(self.model.encode_text, caption_ids)
+
+
+def evaluate_modes(run: LoadedRun, modes: Sequence[str], loaders: Sequence[Iterable], desc: str = "eval"
+                   ) -> Dict[str, dict]:
+    """t2i metrics (as `retrieval_metrics` returns them) of the run's model in each compat mode, from one pass
+    over `loaders` (the image loader, the text loader)."""
+    feats = embed_loaders(ModesEncoder(run, modes), *loaders, precision=run.cfg.precision, normalize=False,
+                          desc=desc)
+    device = next(run.model.parameters()).device
+    width = feats["image_feats"].shape[1] // len(modes)
+    results = {}
+    for k, mode in enumerate(modes):
+        columns = slice(k * width, (k + 1) * width)
+        results[mode] = embedding_metrics(feats["text_feats"][:, columns], feats["image_feats"][:, columns],
+                                          feats["text_pids"], feats["image_pids"], device=device)["t2i"]
+    run.model.set_efp_attention(efp_attention_for(run.compat, run.layout, run.cfg.efp_attention))
+    return results
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The project's commit (12 characters) that evaluates, '+dirty' when the checkout has uncommitted files."""
+    commit, dirty = git_state()
+    return "" if commit is None else commit[:12] + ("+dirty" if dirty else "")
+
+
+def log_evaluations(run_dir: str, checkpoint_sha256: str, rows: Sequence[Row]) -> int:
+    """Append the rows' results to the run's test_log.jsonl (under its lock) and return how many evaluations of its
+    test split it records. A folder that cannot be written now (read-only, or another process writing it) keeps
+    its log as it is, with a warning: the evaluation itself still counts for the summary."""
+    try:
+        with RunLock(run_dir, "sh run.sh test"):
+            for row in rows:
+                append_evaluation(run_dir, kind="test", checkpoint_sha256=checkpoint_sha256, compat=row.compat,
+                                  results={"t2i": row.metrics}, via="sh run.sh test", commit=row.commit)
+    except UserError as e:
+        logger.warning("%s: this evaluation is not recorded in its test_log.jsonl (%s)", run_dir, e)
+    return count_test_evaluations(run_dir)
+
+
+def evaluate_folder(run: str, request: EvaluationRequest, cache: SplitCache, device: str) -> List[Row]:
+    """The rows of one run folder; raises UserError when the run cannot be evaluated."""
+    label = run_label(run)
+    split = cache.get(run_config(run, request.overrides))  # before the checkpoint: a missing data set is cheap
+    loaded = load_run(run, request, device, request.compat)
+    cfg = loaded.cfg
+    modes = compat_modes(loaded, request.compat)
+    logger.info("evaluating %s on %s (compat %s)", label, cfg.dataset_name, " and ".join(modes))
+    results = evaluate_modes(loaded, modes, build_eval_loaders(cfg, split), label)
+    experiment, checkpoint = experiment_key(cfg.to_dict()), sha256_file(loaded.checkpoint_path)
+    rows = [Row(label, cfg.dataset_name, mode, {k: float(results[mode][k]) for k in METRICS},
+                mode_note(mode, cfg, results[mode]), commit=code_version(), checkpoint=checkpoint[:12],
+                experiment=experiment, name=cfg.name) for mode in modes]
+    tested = log_evaluations(os.path.dirname(os.path.abspath(config_path(run))), checkpoint, rows)
+    for row in rows:
+        row.tested = tested
+    return rows
+
+
+def failed_row(run: str, request: EvaluationRequest, message: str) -> Row:
+    """A row that says why `run` was not evaluated (with its data set when the config could be read)."""
+    dataset = ""
+    try:
+        dataset = run_config(run, request.overrides).dataset_name
+    except UserError:
+        pass
+    return Row(run_label(run), dataset, request.compat, None, f"error: {message}")
+
+
+def evaluate_folders(request: EvaluationRequest) -> List[Row]:
+    """Rows of every run folder named (or found under ./logs), in order; a failing run becomes an error row."""
+    runs = runs_to_evaluate(request.runs)
+    device = str(resolve_device(str(request.overrides.get("device", "auto"))))
+    cache = SplitCache()
+    rows: List[Row] = []
+    with warnings.catch_warnings():
+        # Every run evaluated in php_v1 mode warns, not only the first one (Python shows a warning once per line).
+        warnings.simplefilter("always", CompatibilityWarning)
+        for run in runs:
+            try:
+                rows.extend(evaluate_folder(run, request, cache, device))
+            except Exception as e:  # noqa: BLE001 - one broken run must not stop the others
+                message = failure_message(e, request.debug)
+                logger.error("%s: %s", run_label(run), message)
+                rows.append(failed_row(run, request, message))
+    return rows
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `text` to `path` atomically (a reader never sees half a summary), making its folder."""
+    write_atomic(path, text, what="the summary", make_folder=True)
+
+
+def write_summary(rows: Sequence[Row]) -> int:
+    """Group the rows, print the table, write logs/summary.md and .csv; the number of failed rows."""
+    rows = with_groups(rows)
+    table = markdown_table(rows)
+    print(table, end="")
+    md_path, csv_path = os.path.join(LOGS, "summary.md"), os.path.join(LOGS, "summary.csv")
+    write_text(md_path, table)
+    write_text(csv_path, csv_table(rows))
+    failed = sum(isinstance(row, Row) and row.failed for row in rows)
+    logger.info("summary written to %s and %s%s", md_path, csv_path,
+                f"; {failed} of {len(rows)} rows failed" if failed else "")
+    return failed
+
+
+def check_overrides(overrides: Dict[str, Any]) -> None:
+    """Check the command line's options once, up front (names and types): a bad one is the command's error, not
+    every run's. A plug-in's option needs its file in --custom_imports on the same command line."""
+    config_from_values({}, "command line", overrides, check=False)

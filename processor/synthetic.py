@@ -1,0 +1,25 @@
+"""Synthetic training batches: random inputs of a run's shapes, for timing a step without data (the benchmarks, and
+timing the precision modes before a run)."""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+
+from utils.tokenizer import EOT_ID, SOT_ID
+
+
+def synthetic_batch(batch_size: int, img_size: Sequence[int], text_length: int, device: torch.device,
+                    seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Random images, captions of 10..text_length-2 tokens (SOT ... EOT, then padding), two samples per pid."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, *img_size, generator=gen)
+    ids = torch.zeros(batch_size, text_length, dtype=torch.long)
+    for b in range(batch_size):
+        n = int(torch.randint(10, max(11, text_length - 1), (1,), generator=gen))
+        n = min(n, text_length - 1)
+        ids[b, 0] = SOT_ID
+        ids[b, 1:n] = torch.randint(1, 49405, (n - 1,), generator=gen)
+        ids[b, n] = EOT_ID
+    pids = torch.arange(batch_size) // 2
+    return {"images": images.to(device), "caption_ids": ids.to(device), "pids": pids.to(device)}
