@@ -6,6 +6,9 @@ import pytest
 
 from benchmarks import data_pipeline, step_ops, train_step
 
+# Trains, compiles or starts processes: not in the quick subset (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TOY = ["--device", "cpu", "--arch", "ViT-Tiny", "--img_size", "32", "16", "--text_length", "16", "--batch_size", "4",

@@ -4,6 +4,7 @@ tests run, inductor compiles without graphs; the GPU's speed is measured by benc
 import copy
 import os
 
+import pytest
 import torch
 
 from helpers import SMOKE_CONFIG, run_dir, train_argv
@@ -12,6 +13,9 @@ from processor.trainer import compile_for_training
 import train
 from utils.checkpoint import read_checkpoint
 from utils.config import build_config
+
+# Trains, compiles or starts processes: not in the quick subset (pytest -m "not slow").
+pytestmark = pytest.mark.slow
 
 
 def losses_and_grads(model, forward, batch, precision):

@@ -21,6 +21,9 @@ from utils import distributed as dist_utils
 from utils.config import build_config
 from utils.errors import UserError
 
+# Trains, compiles or starts processes: not in the quick subset (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_CONFIG = os.path.join(ROOT, "configs", "smoke.yaml")
 TIMEOUT = 240  # a hang (e.g. ranks waiting on each other) fails instead of blocking the suite

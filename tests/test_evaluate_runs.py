@@ -169,6 +169,7 @@ def test_discovery_needs_config_and_checkpoint(workdir, monkeypatch):
     assert read_yaml(os.path.join(workdir, PHP, "configs.yaml"))["img_size"] == [64, 32]
 
 
+@pytest.mark.slow
 def test_run_sh_exit_status(workdir, demo_root, tmp_path):
     """Through `sh run.sh test`: a failing run makes the exit status 1, the table is still printed and written."""
     done = subprocess.run(["sh", os.path.join(ROOT, "run.sh"), "test", os.path.join(workdir, BROKEN),

@@ -11,6 +11,9 @@ import yaml
 
 from helpers import ROOT
 
+# Trains, compiles or starts processes: not in the quick subset (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 DOC = os.path.join(ROOT, "docs", "extending.md")
 SECTIONS = {"loss": "A new loss", "head": "A new head", "dataset": "A new data set"}
 

@@ -1,8 +1,10 @@
-"""The packages' layers: each imports only the layers below it, and no file of the core packages outgrows 400 lines.
+"""The packages' layers: each imports only the layers below it; no file of the core packages outgrows 400 lines and
+no function in them 60; nothing changes sys.path.
 
 utils at the bottom; datasets and model on utils; solver on model; evaluation on datasets and model (never on the
-trainer); processor on any of them; the entry points (train.py, test.py, retrieve.py, tools/, benchmarks/) on top.
-Read from the source with `ast`, so an import inside a function counts as much as one at the top.
+trainer); processor on any of them. On top, the entry points (train.py, test.py, retrieve.py) and tools/ import
+the library and never each other (a tool's own modules aside); benchmarks/ import the library only. Read from the
+source with `ast`, so an import inside a function counts as much as one at the top.
 """
 import ast
 import os
@@ -20,6 +22,10 @@ ALLOWED = {
     "processor": set(PROJECT),
 }
 MAX_LINES = 400
+MAX_FUNCTION_LINES = 60
+# Drawing a pedestrian is one long, flat sequence of shapes; splitting it would only scatter the coordinates.
+LONG_FUNCTIONS_ALLOWED = {("datasets/demo_render.py", "render_pedestrian")}
+ENTRY_FILES = ("train", "test", "retrieve")
 
 
 def python_files(package):
@@ -70,3 +76,79 @@ def test_the_checks_see_real_imports():
     assert evaluator in set(python_files("evaluation"))
     assert "evaluation" in {name for _, name in imported_top_levels(evaluator)}
     assert sum(1 for package in PROJECT for _ in python_files(package)) > 40
+
+
+def top_floor_files():
+    """(its own name, path) of every entry point, tool and benchmark."""
+    for name in ENTRY_FILES:
+        yield name, os.path.join(ROOT, f"{name}.py")
+    for folder in ("tools", "benchmarks"):
+        for path in python_files(folder):
+            yield f"{folder}.{os.path.splitext(os.path.basename(path))[0]}", path
+
+
+def imported_modules(path):
+    """(line, dotted module) of every absolute import, `from tools import x` counted as tools.x."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module in ("tools", "benchmarks"):
+                for alias in node.names:
+                    yield node.lineno, f"{node.module}.{alias.name}"
+            else:
+                yield node.lineno, node.module
+
+
+def test_entry_points_and_tools_import_the_library_not_each_other():
+    wrong = []
+    for own, path in top_floor_files():
+        for line, module in imported_modules(path):
+            top = module.split(".")[0]
+            other_entry = top in ENTRY_FILES and module != own
+            tool_or_bench = top in ("tools", "benchmarks") and module != own and module != "tools"
+            if other_entry or tool_or_bench or top == "tests":
+                wrong.append(f"{os.path.relpath(path, ROOT)}:{line} imports {module}")
+    assert not wrong, "entry points, tools and benchmarks must import only the library:\n" + "\n".join(wrong)
+
+
+def test_core_functions_stay_under_60_lines():
+    long = []
+    for package in PROJECT:
+        for path in python_files(package):
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read(), path)
+            rel = os.path.relpath(path, ROOT)
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES and (rel, node.name) not in LONG_FUNCTIONS_ALLOWED:
+                        long.append(f"{rel}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def test_nothing_changes_the_import_path():
+    """The project runs with its root on the import path (run.sh, pytest.ini, python -m); no file edits sys.path."""
+    found = []
+    for package in (*PROJECT, "tools", "benchmarks", "tests"):
+        for path in python_files(package):
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute) and node.attr == "path" and \
+                        isinstance(node.value, ast.Name) and node.value.id == "sys":
+                    found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    for name in ENTRY_FILES:
+        with open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8") as f:
+            if "sys.path" in f.read():
+                found.append(f"{name}.py")
+    assert not found, "sys.path used in:\n" + "\n".join(found)
+
+
+def test_the_top_floor_checks_see_real_imports():
+    files = dict(top_floor_files())
+    assert {"train", "test", "retrieve", "tools.serve", "tools.evaluate_runs", "benchmarks.train_step"} <= set(files)
+    assert ("processor.training" in {m for _, m in imported_modules(files["train"])})

@@ -103,6 +103,7 @@ def resume_chain(tiny_root, tmp_path_factory):
     return {"reference": reference.folder, "folder": run_dir(chain), "kills": kills, "resumed": resumed}
 
 
+@pytest.mark.slow
 def test_kills_leave_loadable_checkpoints(resume_chain):
     for (code, out, err, saved), epoch in zip(resume_chain["kills"], (1, 2)):
         assert code == -signal.SIGKILL, err

@@ -197,6 +197,7 @@ def test_wrap_text_limits_lines():
     assert wrap_text("short text", font, 300, 3) == ["short text"]
 
 
+@pytest.mark.slow
 def test_topk_beyond_the_gallery_and_the_picture_cap(run_copy, demo_root, tmp_path, capsys):
     out = str(tmp_path / "many.png")
     captions = [arg for i in range(40) for arg in ("--caption", str(i))]

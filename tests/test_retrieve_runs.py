@@ -5,6 +5,7 @@ import re
 import shutil
 
 from PIL import Image
+import pytest
 import torch
 
 from evaluation.search import Searcher, load_runs, shown_path, unique_names
@@ -57,6 +58,7 @@ def test_two_runs_side_by_side(run_copy, demo_root, tmp_path, capsys):
             assert pixel(out, panel_box(row + 2, col, style, runs=2)[:2]) == GREY  # the free-text query
 
 
+@pytest.mark.slow
 def test_the_gallery_is_the_first_runs_and_names_are_unique(run_copy, demo_root, tmp_path, capsys, monkeypatch):
     other_root = str(tmp_path / "data")
     shutil.copytree(demo_root, other_root)

@@ -186,6 +186,7 @@ FILL = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_real_failing_write_inside_the_serializer(tmp_path):
     """No patching: the file-size limit makes torch's own writer fail midway, as a full disk does."""
     done = subprocess.run([sys.executable, "-c", FILL, str(tmp_path)], capture_output=True,

@@ -12,6 +12,9 @@ import pytest
 from helpers import ROOT, SMOKE_CONFIG, assert_one_error_line, run_entry
 from tools import run_preset
 
+# Trains, compiles or starts processes: not in the quick subset (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 

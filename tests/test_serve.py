@@ -3,7 +3,9 @@ it refuses over HTTP, bad input, and a port in use.
 
 Two servers run on private copies of the smoke run and of the small Demo-PEDES: one searches the test split, one of
 whose images is a symlink that leaves the split's folder; the other a folder gallery with such a symlink. The
-browser test writes docs/images/search_page.png.
+browser test writes its screenshot into its temporary folder, or where SEARCH_PAGE_SCREENSHOT says: the README's
+picture is made with `SEARCH_PAGE_SCREENSHOT=docs/images/search_page.png python -m pytest tests/test_serve.py -k
+browser` (tools/make_readme_images.sh runs it), so no test writes a tracked file.
 """
 import http.client
 import io
@@ -27,9 +29,11 @@ import retrieve
 from utils.cli import run_main
 from utils.files import write_atomic
 
+# Trains, compiles or starts processes: not in the quick subset (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVE = ["-m", "tools.serve"]
-SCREENSHOT = os.path.join(ROOT, "docs", "images", "search_page.png")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HIT = re.compile(r"^(\d+) (-?\d+\.\d{4}) (\S.*)$")
 FREE_TEXT = "a man in a black jacket and blue jeans"
@@ -218,18 +222,21 @@ def test_a_port_in_use_is_one_line_and_exit_2(setup):
     assert "in use" in done.stderr and done.stdout == ""
 
 
-def save_screenshot(png):
-    """Write docs/images/search_page.png unless it already shows this picture: the browser's rasterising varies
-    by a level or two between runs, which is no reason to change a tracked file."""
-    if os.path.isfile(SCREENSHOT):
-        with Image.open(SCREENSHOT) as old, Image.open(io.BytesIO(png)) as new:
+def save_screenshot(png, folder):
+    """Write the page's picture to $SEARCH_PAGE_SCREENSHOT (unless that file already shows it: the browser's
+    rasterising varies by a level or two between runs, no reason to change a picture), else into `folder`; the
+    path written."""
+    path = os.environ.get("SEARCH_PAGE_SCREENSHOT") or os.path.join(folder, "search_page.png")
+    if os.path.isfile(path):
+        with Image.open(path) as old, Image.open(io.BytesIO(png)) as new:
             old, new = old.convert("RGB"), new.convert("RGB")
         if old.size == new.size and max(high for _, high in ImageChops.difference(old, new).getextrema()) <= 8:
-            return
-    write_atomic(SCREENSHOT, png, what="the screenshot")
+            return path
+    write_atomic(path, png, what="the screenshot")
+    return path
 
 
-def test_the_page_in_a_browser(setup):
+def test_the_page_in_a_browser(setup, tmp_path):
     if CHROMIUM is None:
         pytest.skip("no chromium binary: install Debian's chromium (apt-get install chromium; .ci/run does)")
     from playwright.sync_api import expect, sync_playwright
@@ -268,7 +275,9 @@ def test_the_page_in_a_browser(setup):
             page.wait_for_function("() => [...document.querySelectorAll('.ps-hit img')]"
                                    ".every(i => i.complete && i.naturalWidth > 0)")
             page.evaluate("document.activeElement.blur()")  # no focus ring: the same search gives the same picture
-            save_screenshot(page.screenshot(full_page=True, animations="disabled", caret="hide"))
+            shot = save_screenshot(page.screenshot(full_page=True, animations="disabled", caret="hide"), str(tmp_path))
+            with Image.open(shot) as picture:
+                assert picture.size[0] > 400 and picture.size[1] > 300
 
             first = shown.first
             first.click()  # the larger view: image, path, identity, captions

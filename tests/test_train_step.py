@@ -205,6 +205,7 @@ def _skip_under_ddp(rank, folder):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_processes_skip_a_step_together_when_one_has_a_non_finite_loss(tmp_path):
     torch.multiprocessing.spawn(_skip_under_ddp, args=(str(tmp_path),), nprocs=2)
     for rank in (0, 1):

@@ -62,6 +62,7 @@ def test_a_new_run_never_replaces_an_existing_one(smoke_run, demo_root, capsys):
     assert os.path.getmtime(os.path.join(smoke_run, "best.pth")) == before
 
 
+@pytest.mark.slow
 def test_torch_compile_run_trains_evaluates_and_keeps_checkpoint_names(smoke_run, demo_root, tmp_path,
                                                                         monkeypatch):
     import train

@@ -1,7 +1,7 @@
 #!/bin/sh
-# The README's three pictures, made from a trained demo run:
+# The README's pictures, made from a trained demo run:
 #   docs/images/retrieval.png (retrieve.py), docs/images/curves.png (tools/plot_curves.py),
-#   docs/images/experts.png (test.py's expert usage).
+#   docs/images/experts.png (test.py's expert usage), docs/images/search_page.png (the browser test of the page).
 #
 #   sh tools/make_readme_images.sh [RUN_DIR]      (default: logs/Demo-PEDES/php_demo, what `sh run.sh` trains)
 #
@@ -32,3 +32,7 @@ python test.py --config_file "$RUN/configs.yaml"
 cp "$RUN/experts.png" "$OUT/experts.png"
 
 ls -l "$OUT"/retrieval.png "$OUT"/curves.png "$OUT"/experts.png
+
+# The search page, as the browser test draws it (headless Debian chromium through Playwright).
+SEARCH_PAGE_SCREENSHOT="$PWD/$OUT/search_page.png" python -m pytest -q tests/test_serve.py -k browser
+ls -l "$OUT"/search_page.png

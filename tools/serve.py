@@ -7,21 +7,8 @@ first run's test split (`--split val`: its val split) or every image under `--ga
 every run searches it with its cached embeddings (evaluation/search.py). `--key value` config options apply to every
 run (`--root_dir /data/reid`, `--device cpu`, `--compat none`); `--topk` is the page's initial k (default 10).
 
-The server and its page are evaluation/web.py and evaluation/search_page.py.
-
-Routes:
-  /                      the page
-  /api/search?q=TEXT&k=N[&run=NAME]
-                         {"query": TEXT, "runs": [{"run": NAME, "hits": [{"rank", "score", "path"}, ...]}, ...]}:
-                         the ranking and scores retrieve.py prints for the same run and query, `path` as it prints it;
-                         bad input gets 400 (an unknown run 404) with {"error": MESSAGE}
-  /img/<i>, /thumb/<i>   gallery image i (from 0, gallery order) and a small JPEG of it
-  Gradio's page assets and queue.
-Any other path is answered 404 by an allow-list, Gradio's own file, upload and proxy routes included, so no route
-takes a file path. An image is served only while the file, symlinks resolved, lies inside the gallery's folder (the
---gallery folder, or the folder that holds the split's images). The server binds 127.0.0.1 unless --host says
-otherwise. Nothing is fetched from the network: Gradio's analytics (and with them its version check) are off, the
-theme uses the system's fonts and the page loads only this server's assets (tests/test_serve.py records them).
+The server, its routes and what it refuses are evaluation/web.py; the page is evaluation/search_page.py. It binds
+127.0.0.1 unless --host says otherwise, and loads nothing from the network.
 """
 from __future__ import annotations
 
