@@ -166,10 +166,20 @@ def parse_entries(data: list, path: str, fmt) -> List[Entry]:
         # One combined test keeps the common, valid case fast (CUHK-PEDES has 40k entries); the slow path says why.
         if type(pid) is not int or not PID_MIN <= pid <= PID_MAX or type(rel) is not str or not rel \
                 or type(captions) is not list or split not in splits \
-                or not all(type(c) is str and c and not c.isspace() for c in captions):
+                or not all(type(c) is str and c and not c.isspace() for c in captions) or not _is_text(captions):
             _raise_value_error(pid, rel, captions, split, f"{path}: entry {i} (counting from 0)", fmt)
         entries.append(Entry(pid, rel, tuple(captions), split))
     return entries
+
+
+def _is_text(captions: List[str]) -> bool:
+    """Whether the captions are text (valid JSON may hold a lone UTF-16 surrogate such as \\ud800, which no text
+    encoding can write: a page, a log or a JSON file showing it would fail far from the data)."""
+    try:
+        "".join(captions).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _raise_shape_error(item, where: str, needed: Tuple[str, ...]) -> None:
@@ -190,6 +200,10 @@ def _raise_value_error(pid, rel, captions, split, where: str, fmt) -> None:
                         f"{short_repr(rel)}")
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         raise UserError(f"{where}: 'captions' must be a list of strings, got {_describe_list(captions)}")
+    broken = next((k for k, c in enumerate(captions) if not _is_text([c])), None)
+    if broken is not None:
+        raise UserError(f"{where}: caption {broken} (counting from 0) holds a lone surrogate (e.g. \\ud800), which is "
+                        f"not text; expected UTF-8 text")
     blank = next((k for k, c in enumerate(captions) if not c or c.isspace()), None)
     if blank is not None:
         # Empty queries are all identical: evaluation would rank them as one and count the tie as retrieval.

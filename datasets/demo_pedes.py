@@ -13,7 +13,6 @@ gives byte-identical files. The set of seed 0 lives in `<root>/Demo-PEDES`, that
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -28,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from datasets import demo_render
+from utils.cli import Command, Flag, integer, parse_command_line
 from utils.errors import UserError, short_repr
 
 DATASET_NAME = "Demo-PEDES"
@@ -351,17 +351,19 @@ def generate_demo_pedes(dataset_dir: str, seed: int = 0, num_train_ids: int = 60
         raise
 
 
+COMMAND = Command("python -m datasets.demo_pedes", "Generate the Demo-PEDES data set.", overrides=False, flags=(
+    Flag("root_dir", "folder that receives Demo-PEDES/", default="./data"),
+    Flag("seed", "generation seed (same seed, same files); seed N > 0 writes Demo-PEDES_seed<N>/", type=integer,
+         default=0),
+    Flag("force", "regenerate even if the folder exists", nargs=0)))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Command line: write <root_dir>/Demo-PEDES (seed N: Demo-PEDES_seed<N>) unless it exists (`--force`
     regenerates)."""
-    parser = argparse.ArgumentParser(description="Generate the Demo-PEDES data set.")
-    parser.add_argument("--root_dir", default="./data", help="folder that receives Demo-PEDES/")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="generation seed (same seed, same files); seed N > 0 writes Demo-PEDES_seed<N>/")
-    parser.add_argument("--force", action="store_true", help="regenerate even if the folder exists")
-    args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
+        args = parse_command_line(COMMAND, argv)
         target = os.path.join(args.root_dir, folder_name(args.seed))
         if os.path.exists(target) and not args.force:
             if os.path.isfile(os.path.join(target, ANNOTATION_FILE)):

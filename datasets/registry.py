@@ -13,6 +13,7 @@ custom.py).
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -46,6 +47,7 @@ def found_under(root_dir: str) -> List[str]:
 
 
 DATASETS: Dict[str, DatasetSpec] = {}
+_GENERATE = contextvars.ContextVar("generate_datasets", default=False)
 
 
 def register_dataset(name: str, *, options: Sequence[Option] = (), layout: Optional[AnnotationFormat] = None):
@@ -61,16 +63,27 @@ def register_format(fmt: AnnotationFormat) -> None:
     register_dataset(fmt.name, layout=fmt)(lambda cfg: read_annotation_file(fmt, cfg.root_dir))
 
 
-def dataset_from_config(cfg, check_images: bool = True) -> PedesDataset:
+def may_generate() -> bool:
+    """Whether the data set being built may be generated where it is missing (Demo-PEDES): in training only."""
+    return _GENERATE.get()
+
+
+def dataset_from_config(cfg, check_images: bool = True, generate: bool = False) -> PedesDataset:
     """The data set a run's config names, checked up front: the one function every entry point builds data with.
 
     Reads `dataset_name` and what its builder reads (`root_dir`, `demo_seed`, `annotation_file`, a plug-in's
     options), then `val_holdout_ids` and `skip_missing_images`; `check_images=False` skips the image existence
-    check (for callers that check the images they use).
+    check (for callers that check the images they use). Only with `generate` (training) may a generated data set
+    (Demo-PEDES) be written where it is missing; evaluating, serving and checking never write a data set.
     """
     spec = DATASETS.get(cfg.dataset_name)
     if spec is None:
         raise UserError(f"unknown data set {short_repr(cfg.dataset_name)}{did_you_mean(cfg.dataset_name, DATASETS)}; expected one of "
                         f"{', '.join(DATASETS)} (a plug-in's own must be listed in custom_imports)")
-    return dataset_from_annotations(cfg.dataset_name, spec.annotations(cfg), val_holdout_ids=cfg.val_holdout_ids,
+    token = _GENERATE.set(generate)
+    try:
+        annotations = spec.annotations(cfg)
+    finally:
+        _GENERATE.reset(token)
+    return dataset_from_annotations(cfg.dataset_name, annotations, val_holdout_ids=cfg.val_holdout_ids,
                                     skip_missing_images=cfg.skip_missing_images, check_images=check_images)

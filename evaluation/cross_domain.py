@@ -27,8 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from datasets import DATASETS, dataset_from_config, found_under
 from datasets.loaders import build_eval_loaders
 from evaluation.metrics import METRIC_KEYS as METRICS
-from evaluation.runs import (LOGS, EvaluationRequest, config_path, evaluate_modes, failure_message, load_run,
-                             run_label, runs_to_evaluate, write_text)
+from evaluation.runs import (LOGS, EvaluationRequest, config_path, evaluate_modes, failure_message, folder_lock,
+                             load_run, run_label, runs_to_evaluate, write_text)
 from model.loading import CompatibilityWarning
 from utils.config import Config, read_yaml
 from utils.env import resolve_device
@@ -126,14 +126,19 @@ class CrossEvaluation:
         return None if isinstance(split, str) else split
 
     def evaluate(self, run: str, test_sets: Sequence[TestSet], requested: str) -> RunResult:
-        """The row of one run; each cell that fails is None, with a note."""
+        """The row of one run (not while another process writes its folder); each cell that fails is None, with
+        a note."""
         result = RunResult(run_label(run), cells={s.name: None for s in test_sets})
         try:
-            loaded = load_run(run, self.request, self.device, requested)
+            with folder_lock(os.path.dirname(os.path.abspath(config_path(run)))):
+                loaded = load_run(run, self.request, self.device, requested)
+                self._fill(result, loaded, test_sets)
         except Exception as e:  # noqa: BLE001 - one broken run must not stop the others
             self.note(f"{result.label}: {failure_message(e, self.debug)}")
             set_training_data(result, read_training_data(run))
-            return result
+        return result
+
+    def _fill(self, result: RunResult, loaded, test_sets: Sequence[TestSet]) -> None:
         cfg = loaded.cfg
         set_training_data(result, (cfg.dataset_name, cfg.annotation_file))
         result.compat = loaded.compat
@@ -148,7 +153,6 @@ class CrossEvaluation:
                 result.cells[test_set.name] = {k: float(metrics[loaded.compat][k]) for k in METRICS}
             except Exception as e:  # noqa: BLE001 - the run's other test sets still run
                 self.note(f"{result.label} on {test_set.name}: {failure_message(e, self.debug)}")
-        return result
 
 
 def read_training_data(run: str) -> Tuple[str, str]:

@@ -10,12 +10,13 @@ writes it to ./logs/summary.md and ./logs/summary.csv (relative to the current f
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,6 +26,7 @@ from evaluation.embed import embed_loaders
 from evaluation.eval_log import append_evaluation, count_test_evaluations
 from evaluation.scoring import embedding_metrics
 from evaluation.search import shown_path
+from evaluation.testing import run_changes
 from evaluation.summary import METRICS, Row, csv_table, experiment_key, markdown_table, with_groups
 from model import load_model
 from model.checkpoint_compat import efp_attention_for
@@ -34,7 +36,7 @@ from utils.env import resolve_device
 from utils.errors import UserError
 from utils.files import write_atomic
 from utils.provenance import git_state, sha256_file
-from utils.runlock import RunLock
+from utils.runlock import FolderBusy, RunLock
 
 logger = logging.getLogger("php")
 LOGS = "logs"
@@ -129,14 +131,16 @@ class SplitCache:
     def __init__(self) -> None:
         self._splits: Dict[str, object] = {}
 
-    def get(self, cfg: Config) -> dict:
+    def get(self, cfg: Config) -> Tuple[dict, Optional[str]]:
+        """(the test split, the annotation file it came from)."""
         values = {k: getattr(cfg, k) for k in [*DATA_KEYS, *cfg.plugin_options]}
         for key in ("root_dir", "annotation_file"):
             values[key] = os.path.abspath(values[key]) if values[key] else ""
         key = repr(sorted(values.items()))
         if key not in self._splits:
             try:
-                self._splits[key] = dataset_from_config(cfg).split("test")
+                dataset = dataset_from_config(cfg)
+                self._splits[key] = (dataset.split("test"), dataset.annotation_file)
             except UserError as e:
                 self._splits[key] = str(e)  # a missing data set is reported once per run, looked up once
         value = self._splits[key]
@@ -213,33 +217,58 @@ def code_version() -> str:
 
 
 def log_evaluations(run_dir: str, checkpoint_sha256: str, rows: Sequence[Row]) -> int:
-    """Append the rows' results to the run's test_log.jsonl (under its lock) and return how many evaluations of its
-    test split it records. A folder that cannot be written now (read-only, or another process writing it) keeps
-    its log as it is, with a warning: the evaluation itself still counts for the summary."""
+    """Append the rows' results to the run's test_log.jsonl and return how many evaluations of its test split it
+    records. A folder that cannot be written (read-only) keeps its log as it is, with a warning: the evaluation
+    itself still counts for the summary."""
     try:
-        with RunLock(run_dir, "sh run.sh test"):
-            for row in rows:
-                append_evaluation(run_dir, kind="test", checkpoint_sha256=checkpoint_sha256, compat=row.compat,
-                                  results={"t2i": row.metrics}, via="sh run.sh test", commit=row.commit)
+        for row in rows:
+            append_evaluation(run_dir, kind="test", checkpoint_sha256=checkpoint_sha256, compat=row.compat,
+                              results={"t2i": row.metrics}, via="sh run.sh test", commit=row.commit)
     except UserError as e:
         logger.warning("%s: this evaluation is not recorded in its test_log.jsonl (%s)", run_dir, e)
     return count_test_evaluations(run_dir)
 
 
+@contextlib.contextmanager
+def folder_lock(run_dir: str) -> Iterator[None]:
+    """Hold the run folder's lock while it is evaluated: a run another process writes (training: its best.pth may
+    be of an early epoch) is not evaluated but named as busy; a folder that cannot be locked at all (read-only, a
+    published copy) is evaluated without the lock."""
+    try:
+        lock = RunLock(run_dir, "sh run.sh test")
+        lock.__enter__()
+    except FolderBusy as e:
+        raise UserError(f"busy, not evaluated: {e}") from None
+    except UserError as e:
+        logger.warning("%s: evaluated without its lock (%s)", run_dir, e)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
 def evaluate_folder(run: str, request: EvaluationRequest, cache: SplitCache, device: str) -> List[Row]:
     """The rows of one run folder; raises UserError when the run cannot be evaluated."""
     label = run_label(run)
-    split = cache.get(run_config(run, request.overrides))  # before the checkpoint: a missing data set is cheap
-    loaded = load_run(run, request, device, request.compat)
-    cfg = loaded.cfg
-    modes = compat_modes(loaded, request.compat)
-    logger.info("evaluating %s on %s (compat %s)", label, cfg.dataset_name, " and ".join(modes))
-    results = evaluate_modes(loaded, modes, build_eval_loaders(cfg, split), label)
-    experiment, checkpoint = experiment_key(cfg.to_dict()), sha256_file(loaded.checkpoint_path)
-    rows = [Row(label, cfg.dataset_name, mode, {k: float(results[mode][k]) for k in METRICS},
-                mode_note(mode, cfg, results[mode]), commit=code_version(), checkpoint=checkpoint[:12],
-                experiment=experiment, name=cfg.name) for mode in modes]
-    tested = log_evaluations(os.path.dirname(os.path.abspath(config_path(run))), checkpoint, rows)
+    run_dir = os.path.dirname(os.path.abspath(config_path(run)))
+    split, annotation_file = cache.get(run_config(run, request.overrides))  # before the checkpoint: cheap to fail
+    with folder_lock(run_dir):
+        loaded = load_run(run, request, device, request.compat)
+        cfg = loaded.cfg
+        modes = compat_modes(loaded, request.compat)
+        logger.info("evaluating %s on %s (compat %s)", label, cfg.dataset_name, " and ".join(modes))
+        results = evaluate_modes(loaded, modes, build_eval_loaders(cfg, split), label)
+        changes = run_changes(loaded, annotation_file)
+        for change in changes[len(loaded.changes):]:
+            logger.warning("%s: %s: its results may differ from the trained run's", label, change)
+        experiment, checkpoint = experiment_key(cfg.to_dict()), sha256_file(loaded.checkpoint_path)
+        rows = [Row(label, cfg.dataset_name, mode, {k: float(results[mode][k]) for k in METRICS},
+                    "; ".join(n for n in [mode_note(mode, cfg, results[mode]), *changes] if n), commit=code_version(),
+                    checkpoint=checkpoint[:12], experiment=experiment, name=cfg.name, seed=cfg.seed,
+                    checkpoint_sha256=checkpoint) for mode in modes]
+        tested = log_evaluations(run_dir, checkpoint, rows)
     for row in rows:
         row.tested = tested
     return rows

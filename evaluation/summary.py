@@ -1,9 +1,11 @@
 """The summary table of `sh run.sh test`: one row per run and compat mode, and a mean ± std row per group of seeds.
 
-Runs whose configs differ only in `seed`, `name` and options that do not change a result (utils.schema's
-RESUME_MUTABLE: workers, device, ...) form a group; under its runs' rows the group gets a row `<name> (n=N)`,
-`<name>` being the runs' name without its `_seed<N>` suffix, with the mean and the sample standard deviation
-(n - 1) of each metric. summary.md shows them as `73.41 ± 0.52`; summary.csv has `n` and `<metric>_mean`,
+Runs whose configs differ only in `seed`, `name` and options that change nothing of the trained model
+(NOT_THE_EXPERIMENT: where it ran and was written, its worker count, logging) form a group: the number of epochs,
+how often the run was evaluated (which picks best.pth) and every other option count. Two runs of one seed, or with
+one checkpoint (a copy), are one sample: the later one's row says so and the group counts it once. Under its runs'
+rows a group of two samples or more gets a row `<name> (n=N)`, `<name>` being the runs' name without its
+`_seed<N>` suffix, with the mean and the sample standard deviation (n - 1) of each metric. summary.md shows them as `73.41 ± 0.52`; summary.csv has `n` and `<metric>_mean`,
 `<metric>_std` columns, empty in the rows of single runs. Both tables carry the commit that evaluated a run,
 the first 12 characters of its checkpoint's sha256, and how often its test split has been evaluated (`tested`,
 from its test_log.jsonl), so that a checkpoint picked by looking at the test split shows it.
@@ -19,10 +21,13 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
 from evaluation.metrics import METRIC_KEYS
-from utils.schema import RESUME_MUTABLE
-
 METRICS = tuple(METRIC_KEYS)
-_NOT_THE_EXPERIMENT = {"seed", "name", "output_dir", *RESUME_MUTABLE}
+# Options that change neither the model a run trains nor the checkpoint it picks: the run's name and folder, where
+# its data and weights are read from, what computes it and how fast (num_workers, device, compile, cache,
+# checkpointing of activations), logging, and the flags of one invocation.
+NOT_THE_EXPERIMENT = {"seed", "name", "output_dir", "root_dir", "pretrained_dir", "num_workers", "device",
+                      "tensorboard", "log_period", "torch_compile", "grad_checkpointing", "cache_images", "resume",
+                      "resume_ckpt_file", "overwrite", "allow_changed_plugins"}
 
 
 @dataclass
@@ -39,6 +44,8 @@ class Row:
     tested: Optional[int] = None  # evaluations of the run's test split so far (test_log.jsonl)
     experiment: str = ""  # what runs of one group share (experiment_key); empty: grouped with no other run
     name: str = ""  # the run's `name` option
+    seed: Optional[int] = None
+    checkpoint_sha256: str = ""
 
     @property
     def failed(self) -> bool:
@@ -60,7 +67,7 @@ class GroupRow:
 
 def experiment_key(config: Dict[str, object]) -> str:
     """What the runs of one group share: their resolved config without seed, name and runtime options."""
-    return json.dumps({k: v for k, v in config.items() if k not in _NOT_THE_EXPERIMENT}, sort_keys=True, default=str)
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True, default=str)
 
 
 def base_name(name: str) -> str:
@@ -88,9 +95,26 @@ def with_groups(rows: Sequence[Row]) -> List[Union[Row, GroupRow]]:
             continue
         members = groups[item]
         out.extend(members)
-        if len(members) > 1:
-            out.append(_group_row(members))
+        samples = distinct_samples(members)
+        if len(samples) > 1:
+            out.append(_group_row(samples))
     return out
+
+
+def distinct_samples(members: List[Row]) -> List[Row]:
+    """The rows of a group that are samples of their own: a row with the seed or the checkpoint of an earlier one
+    is not, and its note says so."""
+    samples: List[Row] = []
+    for row in members:
+        same = next((s for s in samples if (row.checkpoint_sha256 and s.checkpoint_sha256 == row.checkpoint_sha256)
+                     or (row.seed is not None and s.seed == row.seed)), None)
+        if same is None:
+            samples.append(row)
+            continue
+        why = "the checkpoint" if row.checkpoint_sha256 == same.checkpoint_sha256 else f"seed {row.seed}"
+        note = f"same {why} as {same.run}: not a second sample of its group"
+        row.note = f"{row.note}; {note}" if row.note else note
+    return samples
 
 
 def _group_row(members: List[Row]) -> GroupRow:

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from datasets import dataset_from_config
 from datasets.loaders import build_eval_loaders
@@ -25,7 +25,7 @@ from model import load_model
 from model.loading import LoadedRun
 from utils.env import resolve_device
 from utils.files import write_atomic
-from utils.provenance import evaluation_provenance
+from utils.provenance import evaluation_provenance, sha256_file
 from utils.runlock import RunLock
 
 logger = logging.getLogger("php")
@@ -55,6 +55,8 @@ def test_run(request: TestRequest) -> int:
                      overrides=overrides, trusted=request.trusted)
     dataset = dataset_from_config(run.cfg)
     split = dataset.split(request.split)
+    for change in run_changes(run, dataset.annotation_file)[len(run.changes):]:
+        logger.warning("%s: %s: its results may differ from the trained run's", request.config_file, change)
     run_dir = os.path.dirname(os.path.abspath(request.config_file))
     logger.info("evaluating %s on %s/%s (compat %s)", run.checkpoint_path, run.cfg.dataset_name, request.split,
                 run.compat)
@@ -63,6 +65,19 @@ def test_run(request: TestRequest) -> int:
         if request.audit:
             return _audit(run, split, request, run_dir, dataset.annotation_file)
         return _evaluate(run, split, request, run_dir, dataset.annotation_file)
+
+
+def run_changes(run: LoadedRun, annotation_file: Optional[str]) -> List[str]:
+    """What differs from what the run trained with, one phrase each: its plug-in files (load_model found them) and
+    its annotation file, by the sha256 its checkpoint records."""
+    changes = list(run.changes)
+    recorded = run.trained_with.get("annotations_sha256")
+    if recorded and annotation_file:
+        now = sha256_file(annotation_file)
+        if now != recorded:
+            changes.append(f"annotation file {annotation_file} changed since training (sha256 {recorded[:12]} -> "
+                           f"{now[:12]})")
+    return changes
 
 
 def write_results(path: str, updates: dict, keep: Optional[Sequence[str]] = None) -> None:
@@ -88,7 +103,8 @@ def _provenance(run: LoadedRun, request: TestRequest, annotation_file: Optional[
                 started: float) -> dict:
     return evaluation_provenance(checkpoint=run.checkpoint_path, config=request.config_file,
                                  annotation_file=annotation_file, device=next(run.model.parameters()).device,
-                                 precision=precision, seconds=time.monotonic() - started)
+                                 precision=precision, seconds=time.monotonic() - started,
+                                 plugins=run.cfg.custom_imports)
 
 
 def _log_look(run_dir: str, request: TestRequest, kind: str, run: LoadedRun, results: dict, provenance: dict,

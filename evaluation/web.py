@@ -21,9 +21,10 @@ import errno
 import functools
 import io
 import os
+import re
 import socket
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 # Before anything imports gradio: without analytics Gradio also skips its version check against the network.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -41,11 +42,24 @@ OPEN_PATHS = {"/", "/config", "/theme.css", "/favicon.ico", "/manifest.json", "/
               "/gradio_api/queue/data", "/gradio_api/cancel"}
 OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/img/", "/thumb/", "/gradio_api/heartbeat/")
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+# Longer names than a file system takes (255 bytes per name) are no asset of the page: 404, not an OSError.
+MAX_NAME_BYTES, MAX_PATH_BYTES = 255, 2048
+_WHOLE_NUMBER = re.compile(r"\s*([0-9]{1,9})\s*", re.ASCII)
+
+
+def whole_number(text: str) -> Optional[int]:
+    """The value of a decimal number of ASCII digits (at most 9), else None: str.isdigit() would take '²' and
+    '５', which int() refuses or reads as 5."""
+    match = _WHOLE_NUMBER.fullmatch(text)
+    return int(match.group(1)) if match else None
 
 
 def is_open_path(path: str) -> bool:
     """Whether the server answers `path` (percent-decoded, as routes see it) at all."""
     if ".." in path.split("/") or "\\" in path or "\0" in path:
+        return False
+    encoded = path.encode("utf-8", "surrogateescape")
+    if len(encoded) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in encoded.split(b"/")):
         return False
     return path in OPEN_PATHS or path.rstrip("/") in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
@@ -153,9 +167,10 @@ class Service:
         """The endpoint's answer; a bad value raises UserError (an unknown run: LookupError)."""
         if run is not None and run not in self.names:
             raise LookupError(f"unknown run {short_repr(run)}; runs: {', '.join(self.names)}")
-        if not (k.strip().isdigit() and len(k.strip()) < 10):
+        number = whole_number(k)
+        if number is None:
             raise bad_k(k)
-        text, rows = self.search(q, int(k), None if run is None else [run])
+        text, rows = self.search(q, number, None if run is None else [run])
         return {"query": text, "runs": [{"run": name, "hits": [
             {"rank": hit.rank, "score": hit.score, "path": self.shown[self.index[hit.path]]} for hit in hits]}
             for name, hits in rows]}
@@ -184,7 +199,8 @@ class Service:
     def image_file(self, index: str) -> str:
         """The file of gallery image `index` (symlinks resolved); FileNotFoundError for no such image,
         PermissionError for one that lies outside the gallery's folder."""
-        i = int(index) if index.isdigit() and len(index) < 10 else -1
+        i = whole_number(index) if index.isascii() and index.isdigit() else None
+        i = -1 if i is None else i
         if not 0 <= i < len(self.paths):
             raise FileNotFoundError(index)
         real = os.path.realpath(self.paths[i])
@@ -193,9 +209,9 @@ class Service:
         return real
 
 
-def build_app(service: Service, default_k: int, blocked: Sequence[str], local_only: bool = True):
-    """The server: this module's routes, then the page mounted at / (Gradio), behind the allow-list; `local_only`:
-    answer only requests addressed to this machine by a local name."""
+def build_app(service: Service, default_k: int, blocked: Sequence[str], hosts: Set[str] = frozenset(LOCAL_NAMES)):
+    """The server: this module's routes, then the page mounted at / (Gradio), behind the allow-list; it answers only
+    requests whose Host names one of `hosts` (lower case; see allowed_hosts)."""
     import gradio as gr
     from fastapi import FastAPI
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -209,8 +225,8 @@ def build_app(service: Service, default_k: int, blocked: Sequence[str], local_on
         if not is_open_path(request.scope["path"]):
             return PlainTextResponse("not found", status_code=404)
         # A web page whose name an attacker points at 127.0.0.1 (DNS rebinding) still sends its own name.
-        if local_only and host_name(request.headers.get("host", "")).lower() not in LOCAL_NAMES:
-            return PlainTextResponse("this server answers to localhost only", status_code=403)
+        if host_name(request.headers.get("host", "")).lower() not in hosts:
+            return PlainTextResponse("this server answers to requests that name this machine only", status_code=403)
         return await call_next(request)
 
     @app.get("/api/search")
@@ -255,3 +271,25 @@ def build_app(service: Service, default_k: int, blocked: Sequence[str], local_on
 def shown_url(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+
+def allowed_hosts(sock: socket.socket, extra: Iterable[str] = ()) -> Set[str]:
+    """The names a request's Host may give (lower case): this machine's local names; when the server listens
+    beyond the loopback interface, also its host names, the addresses they resolve to and the bound address, and
+    the `extra` names (--allow_host). A page elsewhere that points its own name at this machine (DNS rebinding)
+    is still refused."""
+    import ipaddress
+    hosts = set(LOCAL_NAMES)
+    bound = sock.getsockname()[0]
+    if not ipaddress.ip_address(bound).is_loopback:
+        names = {socket.gethostname(), socket.getfqdn()}
+        hosts |= names
+        for name in names:
+            try:
+                hosts |= {info[4][0] for info in socket.getaddrinfo(name, None)}
+            except OSError:
+                pass
+        if not ipaddress.ip_address(bound).is_unspecified:
+            hosts.add(bound)
+    return {h.lower() for h in hosts | set(extra)}
+

@@ -7,10 +7,11 @@ the run's config says.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -23,6 +24,9 @@ from model.retrieval_model import RetrievalModel
 from utils.checkpoint import read_checkpoint
 from utils.config import Config, config_from_values, read_yaml
 from utils.errors import UserError
+from utils.plugins import changed_plugins
+
+logger = logging.getLogger("php")
 
 COMPAT_WARNING = (
     "compatibility mode php_v1: the EFP attention runs ACROSS THE BATCH as in the PHP reference release, so each "
@@ -43,6 +47,11 @@ class LoadedRun:
     layout: str  # of the checkpoint: 'project', 'php_v1' or 'irra'
     compat: str  # how the model runs: 'none' (batch-independent embeddings) or 'php_v1'
     checkpoint_path: str
+    # What the run trained with, as its checkpoint records it (utils.provenance.code_and_data; empty for
+    # published checkpoints): commit, annotations_sha256, plugins_sha256.
+    trained_with: Dict[str, Any] = field(default_factory=dict)
+    # What differs now from what it trained with (a plug-in file changed, ...), one phrase each; also warned.
+    changes: Tuple[str, ...] = ()
 
 
 def find_checkpoint(config_file: str, checkpoint: Optional[str]) -> str:
@@ -50,16 +59,19 @@ def find_checkpoint(config_file: str, checkpoint: Optional[str]) -> str:
     if not os.path.isfile(path):
         where = f"run folder {os.path.dirname(os.path.abspath(config_file))} has no best.pth" if not checkpoint \
             else f"checkpoint not found: {checkpoint}"
-        raise UserError(f"{where} (train the run first, or name a checkpoint with --checkpoint)")
+        raise UserError(f"{where} (train the run first; test.py and retrieve.py also take another checkpoint with "
+                        f"--checkpoint)")
     return path
 
 
-def read_state_dict(path: str, trusted: bool = False) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: str, trusted: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(the checkpoint's model weights, what it records the run trained with: its `provenance`, or {})."""
     obj = read_checkpoint(path, trusted=trusted)
     state = obj.get("model") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path}: not a model checkpoint (expected a state dict or {{'model': state_dict, ...}})")
-    return strip_module_prefix(state)
+    provenance = obj.get("provenance") if isinstance(obj, dict) else None
+    return strip_module_prefix(state), dict(provenance) if isinstance(provenance, dict) else {}
 
 
 def load_model(config_file: str, checkpoint: Optional[str] = None, device: str = "cpu", compat: str = "auto",
@@ -70,7 +82,7 @@ def load_model(config_file: str, checkpoint: Optional[str] = None, device: str =
         raise UserError(f"compat must be one of {', '.join(COMPAT_MODES)}; got {compat!r}")
     raw = read_yaml(config_file)
     path = find_checkpoint(config_file, checkpoint)
-    state = read_state_dict(path, trusted)
+    state, trained_with = read_state_dict(path, trusted)
     layout = detect_layout(state, path)
     if layout != PROJECT:
         state = map_published_state_dict(state, path)
@@ -105,4 +117,10 @@ def load_model(config_file: str, checkpoint: Optional[str] = None, device: str =
         cfg.efp_attention = mode
     if model.batch_dependent:
         warnings.warn(COMPAT_WARNING, CompatibilityWarning, stacklevel=2)
-    return LoadedRun(model.to(device).eval(), cfg, layout, compat_of(model.batch_dependent), path)
+    changes = tuple(f"plug-in {change}" for change in
+                    changed_plugins(trained_with.get("plugins_sha256") or {}, cfg.custom_imports)) \
+        if "plugins_sha256" in trained_with else ()
+    for change in changes:
+        logger.warning("%s: %s: its results may differ from the trained run's", config_file, change)
+    return LoadedRun(model.to(device).eval(), cfg, layout, compat_of(model.batch_dependent), path, trained_with,
+                     changes)

@@ -96,6 +96,10 @@ def register_loss(name: str, *, weight: Weight = 1.0, global_batch: bool = False
         declared = list(options)
         weight_of: Weight = weight
         if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            if any(o.name == f"{name}_loss_weight" for o in declared):
+                raise ValueError(f"loss {name!r} declares its weight twice: weight={weight} makes the option "
+                                 f"{name}_loss_weight, which its options declare too; give one of them (weight= the "
+                                 f"option's name uses the declared option)")
             declared.append(Option(f"{name}_loss_weight", float, float(weight), f"Weight of the {name} loss.",
                                    minimum=0))
             weight_of = f"{name}_loss_weight"

@@ -33,7 +33,7 @@ from evaluation.metrics import METRIC_KEYS
 from model.backbone import compile_blocks
 from solver import build_lr_scheduler, build_optimizer, describe_param_groups
 from utils import distributed as dist_utils
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import CHECKSUMS, save_checkpoint, weight_checksums
 from utils.config import Config
 from utils.env import autocast, epoch_seed
 from utils.errors import UserError
@@ -80,11 +80,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ state
     def state(self, epoch: int) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+        model = self.module.state_dict()
+        return {"model": model, CHECKSUMS: weight_checksums(model), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
                 "best_r1": self.best_r1, "best_epoch": self.best_epoch, "nonfinite_steps": self.nonfinite_steps,
                 "history": self.history, "config": self.cfg.to_dict(), "format_version": FORMAT_VERSION,
-                "world_size": self.world_size, "rng": {"torch": torch.get_rng_state()}}
+                "world_size": self.world_size, "rng": {"torch": torch.get_rng_state()},
+                "provenance": self.provenance}
 
     def restore(self, ckpt: dict, path: str) -> bool:
         """Restore everything from checkpoint `ckpt` (read from `path`), in memory only; returns False when that run

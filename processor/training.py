@@ -26,6 +26,7 @@ from utils.env import resolve_device, seed_everything
 from utils.errors import UserError
 from utils.files import check_output_dir
 from utils.logger import attach_log_file, setup_logger
+from utils.plugins import changed_plugins
 from utils.provenance import code_and_data
 from utils.runlock import RunLock
 from utils.schema import resume_differences
@@ -91,6 +92,7 @@ def checkpoint_to_resume(cfg: Config, config_file: str = "") -> Tuple[Optional[s
     if not os.path.isfile(path):
         raise UserError(f"--resume: {path} does not exist (nothing to resume in {run_dir})")
     ckpt = read_checkpoint(path)
+    check_plugins(cfg, ckpt, path)
     records = []
     folder_config = os.path.join(run_dir, "configs.yaml")
     if os.path.isfile(folder_config):
@@ -108,6 +110,21 @@ def checkpoint_to_resume(cfg: Config, config_file: str = "") -> Tuple[Optional[s
     return path, ckpt
 
 
+def check_plugins(cfg: Config, ckpt: dict, path: str) -> None:
+    """A resume with a plug-in file that changed since the checkpoint was written is refused (its code would train
+    on silently), unless allow_changed_plugins; then it is a warning."""
+    recorded = ckpt.get("provenance", {}).get("plugins_sha256") if isinstance(ckpt, dict) else None
+    if recorded is None:
+        return
+    changes = changed_plugins(recorded, cfg.custom_imports)
+    if not changes:
+        return
+    if not cfg.allow_changed_plugins:
+        raise UserError(f"--resume: {path} was trained with other plug-in code: {'; '.join(changes)}; restore the "
+                        f"file, or resume with --allow_changed_plugins to train on with the new code")
+    logger.warning("resuming with changed plug-ins (allow_changed_plugins): %s", "; ".join(changes))
+
+
 def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_dir: str):
     """The data set, the model and the Trainer of the run, every check included; nothing is written."""
     if cfg.val_dataset == "test" and rank == 0:
@@ -115,7 +132,7 @@ def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_di
                        "optimistic")
     seed_everything(cfg.seed)
     with dist_utils.main_process_first():  # a Demo-PEDES set is generated once, not by every process at once
-        dataset = dataset_from_config(cfg)
+        dataset = dataset_from_config(cfg, generate=True)
     if rank == 0:
         logger.info("%s:\n%s", cfg.dataset_name, dataset.summary())
     split = dataset.split(cfg.val_dataset, hint="set --val_holdout_ids N to hold out N training identities for "
@@ -133,7 +150,7 @@ def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_di
     train_loader = build_train_loader(cfg, dataset, rank, world_size)
     evaluator = Evaluator(*build_eval_loaders(cfg, split), precision=cfg.precision)
     # Once per process: the code and data this process trains with (history.json records them per epoch).
-    provenance = code_and_data(dataset.annotation_file) if rank == 0 else None
+    provenance = code_and_data(dataset.annotation_file, cfg.custom_imports) if rank == 0 else None
     return Trainer(cfg, model, train_loader, evaluator, run_dir, device, rank, world_size, provenance)
 
 
@@ -162,7 +179,7 @@ def run_training(cfg: Config, rank: int, world_size: int, local_rank: int, confi
                 logger.warning("removed %d partial checkpoint file(s) left by an interrupted run: %s", len(partial),
                                ", ".join(partial))
             # The saved config starts a run, so it does not carry this invocation's resume request.
-            save_config(cfg.copy(resume=False, resume_ckpt_file="", overwrite=False),
+            save_config(cfg.copy(resume=False, resume_ckpt_file="", overwrite=False, allow_changed_plugins=False),
                         os.path.join(run_dir, "configs.yaml"))
             attach_log_file(logger, os.path.join(run_dir, "train_log.txt"))
         result = trainer.fit()

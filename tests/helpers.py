@@ -159,6 +159,9 @@ def run_variant(run_dir, folder, noise=0.0, **options):
     for value in checkpoint["model"].values():
         if value.is_floating_point():
             value += noise * torch.randn(value.shape, generator=generator)
+    if "weights_crc32" in checkpoint:  # a changed model, not a damaged file: its checksums follow
+        from utils.checkpoint import weight_checksums
+        checkpoint["weights_crc32"] = weight_checksums(checkpoint["model"])
     torch.save(checkpoint, os.path.join(folder, "best.pth"))
     return folder
 
@@ -172,12 +175,13 @@ def run_tool(argv, cwd, monkeypatch):
     return done.value.code
 
 
-def build_dataset(name, root_dir, check_images=True, **options):
+def build_dataset(name, root_dir, check_images=True, generate=False, **options):
     """The data set `name` under `root_dir` with config `options` (val_holdout_ids, demo_seed, ...), as a run of
-    those options builds it (datasets.dataset_from_config)."""
+    those options builds it (datasets.dataset_from_config; `generate` as training does)."""
     from datasets import dataset_from_config
     from utils.config import Config
-    return dataset_from_config(Config(dataset_name=name, root_dir=root_dir, **options), check_images=check_images)
+    return dataset_from_config(Config(dataset_name=name, root_dir=root_dir, **options), check_images=check_images,
+                               generate=generate)
 
 
 # ------------------------------------------------------------------------------------------ requirements

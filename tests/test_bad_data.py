@@ -182,7 +182,7 @@ def test_unreadable_generation_record_is_one_line(data_root, record):
 
 def test_negative_demo_seed_is_refused(tmp_path, tiny_generator):
     with pytest.raises(UserError, match="demo_seed = -1; expected a non-negative integer"):
-        build_dataset("Demo-PEDES", str(tmp_path), demo_seed=-1)
+        build_dataset("Demo-PEDES", str(tmp_path), demo_seed=-1, generate=True)
     assert tiny_generator == [] and os.listdir(tmp_path) == []
 
 

@@ -64,7 +64,8 @@ def read_run(folder, dataset, name):
 def test_the_loss_example_trains(project_copy):
     run_example("loss", project_copy)
     run, config, ckpt = read_run(project_copy, "Demo-PEDES", "smoke_my_loss")
-    assert config["custom_imports"] == ["my_loss.py"] and config["my_loss_margin"] == 0.3
+    # The run records its plug-in by absolute path: it means this file from any folder the run is used in.
+    assert config["custom_imports"] == [str(project_copy / "my_loss.py")] and config["my_loss_margin"] == 0.3
     assert config["my_loss_loss_weight"] == 1.0 and config["loss_names"] == "sdm+itc+aux+my_loss"
     history = json.load(open(run / "history.json"))
     assert all(h["losses"]["my_loss_loss"] >= 0 for h in history)

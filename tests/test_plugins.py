@@ -95,7 +95,8 @@ def test_a_plugin_next_to_its_config_is_found(tmp_path):
     text = open(SMOKE_CONFIG).read().replace("loss_names: sdm+itc+aux\n", "loss_names: sdm+plug_d\n")
     (folder / "configs.yaml").write_text(text + "custom_imports: [plug_d.py]\n")
     cfg = build_config(str(folder / "configs.yaml"))
-    assert cfg.plug_d_scale == 2.0 and cfg.custom_imports == ["plug_d.py"]
+    # Recorded by its absolute path: the run means this file wherever it is used later.
+    assert cfg.plug_d_scale == 2.0 and cfg.custom_imports == [str((folder / "plug_d.py").resolve())]
 
 
 def test_help_lists_a_plugins_options(tmp_path, capsys):
@@ -157,7 +158,7 @@ def test_custom_json_and_csv_give_the_same_data_set(demo_root, tmp_path):
     (None, "annotation_file {path} does not exist"),
     ("file_path,id,split\na.jpg,1,train\n", "the header must name the columns file_path, id, caption, split; missing "
                                             "caption"),
-    ("file_path,id,caption,split\na.jpg,one,a man,train\n", "row 2: 'id' must be an integer, got 'one'"),
+    ("file_path,id,caption,split\na.jpg,one,a man,train\n", "row 2: 'id' must be a decimal integer (digits only), got 'one'"),
     ("file_path,id,caption,split\na.jpg,1,a man,train\na.jpg,2,a man,train\n",
      "row 3: image 'a.jpg' has id 2 and split 'train' here but 1 and 'train' in an earlier row"),
     ("file_path,id,caption,split\na.jpg,1, ,train\n", "entry 0 (counting from 0): caption 0 (counting from 0) is "

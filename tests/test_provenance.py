@@ -19,7 +19,7 @@ from utils.cli import run_main
 from utils.provenance import PROJECT_ROOT, code_and_data, git_state, sha256_file
 
 PROVENANCE_KEYS = {"commit", "dirty", "checkpoint_sha256", "config_sha256", "annotations_sha256", "torch",
-                   "open_clip", "device", "precision", "date", "seconds"}
+                   "open_clip", "device", "precision", "date", "seconds", "plugins_sha256"}
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
 
@@ -183,7 +183,7 @@ def test_dirty_flag(tmp_path, monkeypatch):
 def test_no_git_fails_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     assert git_state() == (None, None)
-    assert code_and_data(None) == {"commit": None, "dirty": None, "annotations_sha256": None}
+    assert code_and_data(None) == {"commit": None, "dirty": None, "annotations_sha256": None, "plugins_sha256": {}}
 
 
 def test_history_records_code_and_data_per_epoch(smoke_run, demo_root, tmp_path, monkeypatch):
@@ -198,7 +198,7 @@ def test_history_records_code_and_data_per_epoch(smoke_run, demo_root, tmp_path,
     # Resumed on other code: the new epoch says so, the earlier ones keep what they were trained with.
     run_dir = copy_run(smoke_run, tmp_path / "logs" / "Demo-PEDES" / "smoke")
     other = {"commit": "0" * 40, "dirty": True, "annotations_sha256": annotations}
-    monkeypatch.setattr(training, "code_and_data", lambda annotation_file: dict(other))
+    monkeypatch.setattr(training, "code_and_data", lambda annotation_file, plugins=(): dict(other))
     with pytest.raises(SystemExit) as done:
         run_main(train.main, ["--config_file", os.path.join(run_dir, "configs.yaml"), "--root_dir", demo_root,
                               "--output_dir", str(tmp_path / "logs"), "--resume", "--num_epoch", "3",

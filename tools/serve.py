@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 import time
 
 from evaluation.runs import LOGS, config_path, discover_runs
-from evaluation.web import Service, build_app, listening_socket, shown_url
+from evaluation.web import Service, allowed_hosts, build_app, listening_socket, shown_url
 from utils.cli import COMPAT, DEBUG, TRUST, Command, Flag, integer, parse_command_line, run_main
 from utils.errors import UserError
 from utils.logger import setup_logger
@@ -31,6 +32,8 @@ COMMAND = Command("sh run.sh serve", __doc__, positionals="RUN_DIR", flags=(
     Flag("topk", "the page's initial k, hits per run", type=integer, default=10),
     Flag("cache_dir", "where gallery embeddings are cached (default: <run>/cache)"),
     Flag("no_cache", "neither read nor write the gallery cache", nargs=0),
+    Flag("allow_host", "another name requests may address this server by (with --host beyond 127.0.0.1)",
+         repeat=True, metavar="NAME"),
     COMPAT, TRUST, DEBUG), epilog="Config options as --key value apply to every run.")
 
 
@@ -59,7 +62,12 @@ def main(argv) -> int:
         service = Service(Searcher(loaded, split_name, args.gallery), split_name, args.gallery)
         # Belt and braces behind the allow-list: Gradio itself must never serve a run folder's files.
         blocked = [os.path.dirname(os.path.abspath(path)) for path in config_files]
-        app = build_app(service, args.topk, blocked, ipaddress.ip_address(sock.getsockname()[0]).is_loopback)
+        hosts = allowed_hosts(sock, args.allow_host)
+        if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+            print(f"warning: serving on {args.host}, beyond this machine: anyone who can reach it can search the runs "
+                  f"and see the gallery's images; requests must name it as one of {', '.join(sorted(hosts))} "
+                  f"(--allow_host adds names)", file=sys.stderr, flush=True)
+        app = build_app(service, args.topk, blocked, hosts)
         import uvicorn
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                                timeout_graceful_shutdown=2))

@@ -277,10 +277,26 @@ def config_from_values(values: Dict[str, Any], source: str, overrides: Optional[
     imports = overrides.get("custom_imports", values.get("custom_imports", []))
     imports = _coerce(CORE["custom_imports"], imports, "command line" if "custom_imports" in overrides else source)
     cfg = Config()
-    cfg.enable_plugin_options(import_plugins(imports, config_file, source))
+    resolved, options = import_plugins(imports, config_file, source)
+    cfg.enable_plugin_options(options)
     apply(cfg, values, source)
     apply(cfg, overrides, "command line")
+    resolve_paths(cfg, resolved)
     return validate(cfg, source) if check else cfg
+
+
+def resolve_paths(cfg: Config, custom_imports: List[str]) -> Config:
+    """Make `cfg`'s paths absolute (relative ones are taken from the current folder, as they were meant), so that
+    a run's configs.yaml names the same files wherever the run is used later: every option declared as a path,
+    `pretrain_choice` when it names a file, and custom_imports as imported (files by absolute path)."""
+    cfg.custom_imports = list(custom_imports)
+    for name in [*CORE, *cfg.plugin_options]:
+        value = getattr(cfg, name)
+        if option(name).path and isinstance(value, str) and value:
+            setattr(cfg, name, os.path.abspath(os.path.expanduser(value)))
+    if os.path.isfile(cfg.pretrain_choice):
+        cfg.pretrain_choice = os.path.abspath(cfg.pretrain_choice)
+    return cfg
 
 
 def build_config(config_file: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,

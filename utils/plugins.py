@@ -3,17 +3,21 @@
 A plug-in file registers heads, losses and data sets with the decorators of model/registry.py and
 datasets/registry.py, and declares its options with them; nothing of the project is edited. Entries are file
 paths, looked up relative to the current folder and then to the folder of the config file that names them, or
-importable module names (`my_package.losses`). A file is imported once per process, as a module named after it;
-the options it declared are remembered, so that every config naming it gets them.
+importable module names (`my_package.losses`). A config records each file entry by its absolute path, so the run
+means the same file wherever it is used later. A file is imported once per process, by its path, as a module of
+its own (`_plugin_<name>_<hash of the path>`): two files of one name in different folders are two plug-ins. The
+options it declared are remembered, so that every config naming it gets them. `plugin_hashes` gives the sha256 of
+each plug-in's file, which a run records so that a plug-in changed after training is noticed.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
 import sys
 import traceback
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from utils.errors import UserError, short_repr
 from utils.schema import Option, register_options
@@ -40,27 +44,37 @@ def declare(registry: Dict[str, Any], kind: str, name: str, module: str, options
     return owner
 
 
-def import_plugins(entries: Sequence[str], config_file: Optional[str] = None, source: str = "config") -> List[str]:
-    """Import every entry of custom_imports (once per process); returns the plug-in options they declared."""
+def import_plugins(entries: Sequence[str], config_file: Optional[str] = None,
+                   source: str = "config") -> Tuple[List[str], List[str]]:
+    """Import every entry of custom_imports (once per process); returns (the entries resolved: files by absolute
+    path, modules by name; the plug-in options they declared)."""
+    resolved: List[str] = []
     options: List[str] = []
     for entry in entries:
         key = _import(entry, config_file, source)
+        resolved.append(key)
         options.extend(n for n in _DECLARED.get(key, []) if n not in options)
-    return options
+    return resolved, options
+
+
+def is_file_entry(entry: str) -> bool:
+    return entry.endswith(".py") or os.sep in entry or "/" in entry
+
+
+def module_name(path: str) -> str:
+    """The module a plug-in file is imported as: its name and a hash of its path (unique per file)."""
+    stem = "".join(c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(path))[0])
+    return f"_plugin_{stem}_{hashlib.sha256(path.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
 
 
 def _import(entry: str, config_file: Optional[str], source: str) -> str:
     if not isinstance(entry, str) or not entry.strip():
         raise UserError(f"{source}: option 'custom_imports' lists {short_repr(entry)}; expected a .py file or a "
                         f"module name")
-    if entry.endswith(".py") or os.sep in entry or "/" in entry:
+    if is_file_entry(entry):
         path = _find_file(entry, config_file, source)
-        name = os.path.splitext(os.path.basename(path))[0]
-        loaded = sys.modules.get(name)
-        if loaded is not None:
-            if os.path.realpath(getattr(loaded, "__file__", "") or "") != path:
-                raise UserError(f"{source}: custom_imports {entry}: a module named {name!r} is already imported "
-                                f"from {getattr(loaded, '__file__', 'elsewhere')}; rename the file")
+        name = module_name(path)
+        if name in sys.modules:
             return path
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
@@ -92,6 +106,11 @@ def _run(load, entry: str, where: str, source: str, undo=lambda: None) -> None:
     except UserError:
         undo()
         raise
+    except SystemExit as e:
+        # A plug-in that exits at import would otherwise end the command silently, with its code (0 looks fine).
+        undo()
+        raise UserError(f"{source}: custom_imports {entry}: importing it called exit({short_repr(e.code)}); a "
+                        f"plug-in must only define and register things") from None
     except Exception as e:  # noqa: BLE001 - the user's code: say where it failed, in one line
         undo()
         frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.realpath(f.filename) == key]
@@ -101,3 +120,36 @@ def _run(load, entry: str, where: str, source: str, undo=lambda: None) -> None:
                         f"{message} (--debug shows the traceback)") from e
     finally:
         _importing.pop()
+
+
+def plugin_file(entry: str) -> Optional[str]:
+    """The file of an imported custom_imports entry (a file entry is its own path; a module: its __file__)."""
+    if is_file_entry(entry):
+        return entry if os.path.isfile(entry) else None
+    module = sys.modules.get(entry)
+    path = getattr(module, "__file__", None)
+    return os.path.realpath(path) if path and os.path.isfile(path) else None
+
+
+def plugin_hashes(entries: Sequence[str]) -> Dict[str, str]:
+    """{plug-in file: its sha256} of custom_imports entries (resolved, as a config holds them)."""
+    hashes = {}
+    for entry in entries:
+        path = plugin_file(entry)
+        if path is not None:
+            with open(path, "rb") as f:
+                hashes[path] = hashlib.file_digest(f, "sha256").hexdigest()
+    return hashes
+
+
+def changed_plugins(recorded: Dict[str, str], entries: Sequence[str]) -> List[str]:
+    """How the plug-ins of `entries` differ from the hashes a run `recorded` when it trained, one phrase each."""
+    current = plugin_hashes(entries)
+    changes = []
+    for path, sha in sorted(recorded.items()):
+        if path not in current:
+            changes.append(f"{path} is no longer used or found")
+        elif current[path] != sha:
+            changes.append(f"{path} changed since training (sha256 {sha[:12]} -> {current[path][:12]})")
+    changes += [f"{path} was not used in training" for path in sorted(set(current) - set(recorded))]
+    return changes

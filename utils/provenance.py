@@ -13,11 +13,12 @@ import importlib.metadata
 import os
 import subprocess
 import sys
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from utils.errors import UserError
+from utils.plugins import plugin_hashes
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # git answers in milliseconds; a hung network file system must not hold up a training run or a test.
@@ -79,21 +80,23 @@ def open_clip_version() -> Optional[str]:
         return None
 
 
-def code_and_data(annotation_file: Optional[str], root: str = PROJECT_ROOT) -> dict:
-    """`commit`, `dirty` (see git_state, of the project at `root`) and `annotations_sha256` (None when the data
-    did not come from a file)."""
+def code_and_data(annotation_file: Optional[str], plugins: Sequence[str] = (), root: str = PROJECT_ROOT) -> dict:
+    """`commit`, `dirty` (see git_state, of the project at `root`), `annotations_sha256` (None when the data did
+    not come from a file) and `plugins_sha256` ({file: sha256} of the custom_imports entries `plugins`)."""
     commit, dirty = git_state(root)
     return {"commit": commit, "dirty": dirty,
-            "annotations_sha256": sha256_file(annotation_file) if annotation_file else None}
+            "annotations_sha256": sha256_file(annotation_file) if annotation_file else None,
+            "plugins_sha256": plugin_hashes(plugins)}
 
 
 def evaluation_provenance(*, checkpoint: str, config: str, annotation_file: Optional[str], device, precision: str,
-                          seconds: float, root: str = PROJECT_ROOT) -> dict:
-    """The `provenance` object of an evaluation result: the code (commit, dirty), the checkpoint, config and
-    annotation files by content, the library versions, device and precision, when it finished (`date`) and how
-    long it took (`seconds`)."""
-    record = code_and_data(annotation_file, root)
-    return {"commit": record["commit"], "dirty": record["dirty"], "checkpoint_sha256": sha256_file(checkpoint),
+                          seconds: float, plugins: Sequence[str] = (), root: str = PROJECT_ROOT) -> dict:
+    """The `provenance` object of an evaluation result: the code (commit, dirty, plug-in files), the checkpoint,
+    config and annotation files by content, the library versions, device and precision, when it finished (`date`)
+    and how long it took (`seconds`)."""
+    record = code_and_data(annotation_file, plugins, root)
+    return {"commit": record["commit"], "dirty": record["dirty"], "plugins_sha256": record["plugins_sha256"],
+            "checkpoint_sha256": sha256_file(checkpoint),
             "config_sha256": sha256_file(config), "annotations_sha256": record["annotations_sha256"],
             "torch": str(torch.__version__), "open_clip": open_clip_version(), "device": str(device),
             "precision": precision, "date": utc_now(), "seconds": round(float(seconds), 3)}

@@ -33,6 +33,10 @@ except ImportError:  # Windows: no POSIX locks; the folder is not locked
 _HELD: Dict[str, "RunLock"] = {}
 
 
+class FolderBusy(UserError):
+    """The run folder's lock is held by another process."""
+
+
 class RunLock:
     """`with RunLock(folder, "train.py"):` holds the folder's lock, creating the folder if needed."""
 
@@ -74,8 +78,8 @@ class RunLock:
                                         f"support locks") from None
                     holder = _read(fd)
                     os.close(fd)
-                    raise UserError(f"run folder {self.folder} is in use by {holder or 'another process'}; wait for "
-                                    f"it to finish (one process writes a run folder at a time)") from None
+                    raise FolderBusy(f"run folder {self.folder} is in use by {holder or 'another process'}; wait for "
+                                     f"it to finish (one process writes a run folder at a time)") from None
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # the holder released (and removed) the file between our open and our lock: try again

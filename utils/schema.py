@@ -36,14 +36,16 @@ class Option:
     positive: bool = False
     owner: str = "core"  # the plug-in that declared it
     aliases: Optional[Dict[str, Any]] = None  # values of earlier versions (as written in YAML) -> today's
+    path: bool = False  # names a file or folder: a run records it as an absolute path
 
 
 def _opt(default, help: str, choices: Iterable | None = None, minimum: float | None = None,
-         positive: bool = False, aliases: Optional[Dict[str, Any]] = None):
-    """A schema field: its default, help text, allowed values, lower bound (`minimum`, or > 0 if `positive`), and
-    `aliases`, the values an earlier version wrote (keys as lower-case strings) with what they mean now."""
+         positive: bool = False, aliases: Optional[Dict[str, Any]] = None, path: bool = False):
+    """A schema field: its default, help text, allowed values, lower bound (`minimum`, or > 0 if `positive`),
+    `aliases`, the values an earlier version wrote (keys as lower-case strings) with what they mean now, and
+    whether it names a file or folder (`path`)."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "positive": positive,
-            "aliases": aliases}
+            "aliases": aliases, "path": path}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,8 +61,9 @@ class Config:
     dataset_name: str = _opt("CUHK-PEDES", "Data set, by registered name: CUHK-PEDES, ICFG-PEDES, RSTPReid, "
                                            "Demo-PEDES, custom (your own annotation_file), or a plug-in's.")
     annotation_file: str = _opt("", "dataset_name custom: a JSON list or a CSV of image path, person id, caption "
-                                    "and split (docs/extending.md); image paths relative to the file's folder.")
-    root_dir: str = _opt("./data", "Folder that holds the data set folders (<root_dir>/<dataset_name>/).")
+                                    "and split (docs/extending.md); image paths relative to the file's folder.",
+                                path=True)
+    root_dir: str = _opt("./data", "Folder that holds the data set folders (<root_dir>/<dataset_name>/).", path=True)
     seed: int = _opt(1, "Seed of every random number generator (model init, samplers, augmentation, masking).",
                      minimum=0)
     device: str = _opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
@@ -77,9 +80,11 @@ class Config:
     demo_seed: int = _opt(0, "Seed of the generated Demo-PEDES set (seed N > 0: <root_dir>/Demo-PEDES_seed<N>).",
                           minimum=0)
     resume: bool = _opt(False, "Continue the run from its last.pth (or resume_ckpt_file).")
-    resume_ckpt_file: str = _opt("", "Checkpoint to resume from instead of <run>/last.pth.")
+    resume_ckpt_file: str = _opt("", "Checkpoint to resume from instead of <run>/last.pth.", path=True)
     overwrite: bool = _opt(False, "Start afresh in a run folder that already holds checkpoints, replacing them "
                                   "(without it, such a start is refused).")
+    allow_changed_plugins: bool = _opt(False, "Resume a run although a custom_imports file changed since it was "
+                                              "trained (without it, such a resume is refused).")
     tensorboard: bool = _opt(True, "Write TensorBoard scalars to <run>/tensorboard.")
     skip_nonfinite_steps: int = _opt(0, "Tolerate up to this many steps with a non-finite loss (skipped) "
                                         "before stopping the run.", minimum=0)
@@ -119,7 +124,7 @@ class Config:
     pretrain_choice: str = _opt("ViT-B/16", "Backbone weights: a file path; 'ViT-B/16' (OpenAI's ViT-B-16.pt, "
                                             "searched in pretrained_dir and ~/.cache/clip); or an architecture "
                                             "name for random weights ('ViT-B-16', 'ViT-Demo').")
-    pretrained_dir: str = _opt("./pretrained", "Folder searched for OpenAI's CLIP files (ViT-B-16.pt).")
+    pretrained_dir: str = _opt("./pretrained", "Folder searched for OpenAI's CLIP files (ViT-B-16.pt).", path=True)
     stride_size: int = _opt(16, "Patch stride; must equal the patch size (kept for reference configs).", positive=True)
     temperature: float = _opt(0.02, "Contrastive temperature; logit scale = 1 / temperature (fixed).", positive=True)
     loss_names: str = _opt("sdm+itc+aux", "Losses joined by '+', by registered name: itc, sdm, cmpm, id, mlm, "
@@ -229,7 +234,7 @@ _HINTS = typing.get_type_hints(Config)
 CORE: Dict[str, Option] = {
     f.name: Option(f.name, _HINTS[f.name], f.default_factory() if f.default_factory is not dataclasses.MISSING
                    else f.default, f.metadata["help"], f.metadata["choices"], f.metadata["minimum"],
-                   f.metadata["positive"], aliases=f.metadata["aliases"])
+                   f.metadata["positive"], aliases=f.metadata["aliases"], path=f.metadata["path"])
     for f in dataclasses.fields(Config)}
 PLUGIN_OPTIONS: Dict[str, Option] = {}
 
@@ -249,6 +254,23 @@ RETIRED = {
 }
 
 
+def value_fits(hint: Any, value: Any) -> bool:
+    """Whether `value` is of the option type `hint` (int, float, str, bool, Optional[...], List[...]) as a config
+    holds it (an int is a float; a bool is no number)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(value_fits(a, value) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin in (list, List):
+        return isinstance(value, list) and all(value_fits(args[0], v) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
 def option(name: str) -> Optional[Option]:
     """The option called `name` (this project's or a plug-in's), None if there is none."""
     return CORE.get(name) or PLUGIN_OPTIONS.get(name)
@@ -265,6 +287,9 @@ def register_options(options: Sequence[Option], owner: str) -> List[str]:
                              f"{'this project' if opt.name in CORE else taken.owner}")
         if not opt.name.isidentifier():
             raise ValueError(f"option name {short_repr(opt.name)} of {owner} is not a Python identifier")
+        if not value_fits(opt.type, opt.default):
+            raise ValueError(f"option {opt.name!r} of {owner} declares the type {getattr(opt.type, '__name__', opt.type)} "
+                             f"but its default {short_repr(opt.default)} is not one")
         PLUGIN_OPTIONS[opt.name] = dataclasses.replace(opt, owner=owner,
                                                        choices=tuple(opt.choices) if opt.choices else None)
         names.append(opt.name)
@@ -276,7 +301,8 @@ def register_options(options: Sequence[Option], owner: str) -> List[str]:
 # the run's configs.yaml; `name` and `output_dir` choose the run folder itself. Documented in the README.
 RESUME_MUTABLE = ("num_epoch", "eval_period", "log_period", "num_workers", "device", "tensorboard",
                   "test_batch_size", "skip_nonfinite_steps", "torch_compile", "grad_checkpointing", "cache_images",
-                  "root_dir", "pretrained_dir", "resume", "resume_ckpt_file", "overwrite")
+                  "root_dir", "pretrained_dir", "resume", "resume_ckpt_file", "overwrite",
+                  "allow_changed_plugins")
 _RUN_FOLDER_KEYS = ("name", "output_dir")
 
 
