@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -21,7 +22,7 @@ from model.checkpoint_compat import (COMPAT_MODES, PROJECT, compat_of, detect_la
                                      map_published_state_dict, strip_module_prefix, translate_published_config)
 from model.registry import HEADS
 from model.retrieval_model import RetrievalModel
-from utils.checkpoint import read_checkpoint
+from utils.checkpoint import read_checkpoint, verify_in_background
 from utils.config import Config, config_from_values, read_yaml
 from utils.errors import UserError
 from utils.plugins import changed_plugins
@@ -64,14 +65,16 @@ def find_checkpoint(config_file: str, checkpoint: Optional[str]) -> str:
     return path
 
 
-def read_state_dict(path: str, trusted: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(the checkpoint's model weights, what it records the run trained with: its `provenance`, or {})."""
-    obj = read_checkpoint(path, trusted=trusted)
+def read_state_dict(path: str, trusted: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Future]:
+    """(the checkpoint's model weights, what it records the run trained with: its `provenance` or {}, and the
+    verification of its weight checksums, running in a thread: `.result()` raises for a damaged file)."""
+    obj = read_checkpoint(path, trusted=trusted, verify=False)
+    verified = verify_in_background(obj, path)
     state = obj.get("model") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path}: not a model checkpoint (expected a state dict or {{'model': state_dict, ...}})")
     provenance = obj.get("provenance") if isinstance(obj, dict) else None
-    return strip_module_prefix(state), dict(provenance) if isinstance(provenance, dict) else {}
+    return strip_module_prefix(state), dict(provenance) if isinstance(provenance, dict) else {}, verified
 
 
 def load_model(config_file: str, checkpoint: Optional[str] = None, device: str = "cpu", compat: str = "auto",
@@ -82,7 +85,7 @@ def load_model(config_file: str, checkpoint: Optional[str] = None, device: str =
         raise UserError(f"compat must be one of {', '.join(COMPAT_MODES)}; got {compat!r}")
     raw = read_yaml(config_file)
     path = find_checkpoint(config_file, checkpoint)
-    state, trained_with = read_state_dict(path, trusted)
+    state, trained_with, verified = read_state_dict(path, trusted)
     layout = detect_layout(state, path)
     if layout != PROJECT:
         state = map_published_state_dict(state, path)
@@ -102,6 +105,7 @@ def load_model(config_file: str, checkpoint: Optional[str] = None, device: str =
     present = [name for name in HEADS if any(key.startswith(name + ".") for key in state)]
     model = build_model(cfg, num_classes, backbone=build_clip(shape, cfg.img_size, shape.context_length),
                         with_heads=present)
+    verified.result()  # checked while the model was built
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         parts = []

@@ -39,6 +39,12 @@ def run_dir(out):
 
 def run_entry(main, argv, capsys):
     """Run an entry point in-process as its `__main__` would; returns (exit code, stderr)."""
+    code, _, err = run_entry_output(main, argv, capsys)
+    return code, err
+
+
+def run_entry_output(main, argv, capsys):
+    """Run an entry point in-process as its `__main__` would; returns (exit code, stdout, stderr)."""
     capsys.readouterr()
     # Not pytest.raises: its ExceptionInfo would keep the failed run's frames (and data-loader workers) alive in a
     # reference cycle, which the garbage collector breaks only later and slowly (see run_main).
@@ -48,7 +54,8 @@ def run_entry(main, argv, capsys):
         code = e.code
     else:
         pytest.fail("run_main returned instead of exiting")
-    return code, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def assert_one_error_line(code, err, *culprits):

@@ -212,6 +212,37 @@ def test_only_gallery_images_and_assets_are_served(setup):
         assert server.get("/img/0", host=f"attacker.example:{server.port}")[0] == 403
 
 
+def test_numbers_are_ascii_digits_and_long_names_are_404(setup):
+    """'²', '①' and '５' are digits to str.isdigit(): an index or k must be ASCII digits (400 or 404, never 500,
+    and '５' is no 5); a name too long for a file system is 404 under every asset prefix, not an OSError."""
+    server = setup.split
+    for k in ("²", "５", "٣", "1e3", " "):
+        code, answer = server.search(FREE_TEXT, k=k)
+        assert code == 400 and "must be a whole number" in answer["error"], k
+    assert server.search(FREE_TEXT, k=" 3 ")[0] == 200
+    for path in ("/img/²", "/thumb/①", "/img/５", "/thumb/%EF%BC%95"):
+        assert server.get(urllib.parse.quote(path, safe="/%"))[0] == 404, path
+    for prefix in ("/assets/", "/static/", "/svelte/", "/img/", "/thumb/"):
+        for name in ("a" * 300, "b/" * 1200):
+            status, _, body = server.get(prefix + name)
+            assert status == 404 and len(body) < 100, (prefix, len(name), status)
+
+
+def test_serving_beyond_this_machine_warns_and_keeps_the_host_check(setup, tmp_path):
+    server = Server([setup.run, "--root_dir", setup.data, "--device", "cpu", "--host", "0.0.0.0", "--allow_host",
+                     "search.example"], tmp_path / "open.log", setup.cwd).wait_ready()
+    try:
+        assert server.get("/img/0", host=f"localhost:{server.port}")[0] == 200
+        assert server.get("/img/0", host=f"search.example:{server.port}")[0] == 200
+        assert server.get("/img/0", host=f"attacker.example:{server.port}")[0] == 403
+    finally:
+        server.stop()
+    with open(tmp_path / "open.log") as f:
+        log = f.read()
+    assert "warning: serving on 0.0.0.0, beyond this machine: anyone who can reach it can search the runs" in log
+    assert "search.example" in log
+
+
 def test_a_port_in_use_is_one_line_and_exit_2(setup):
     server = setup.split
     assert server.url.startswith("http://127.0.0.1:")  # the default host

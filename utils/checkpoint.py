@@ -17,6 +17,7 @@ import pickle
 import pickletools
 import re
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 import warnings
 from typing import Any, Dict, List, Sequence
 
@@ -66,9 +67,19 @@ def verify_weights(ckpt: Any, path: str) -> None:
                             f"(the file was modified or corrupted after it was saved); use another copy or retrain")
 
 
-def read_checkpoint(path: str, trusted: bool = False) -> Any:
-    """Load a checkpoint on the CPU, its weights verified against their checksums when it has them; errors name
-    the file and what is wrong with it."""
+def verify_in_background(ckpt: Any, path: str) -> Future:
+    """verify_weights in a thread (CRC-32 releases the GIL): a caller builds its model meanwhile and calls
+    `.result()` before using the weights, which raises the UserError of a damaged file."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-weights")
+    try:
+        return pool.submit(verify_weights, ckpt, path)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def read_checkpoint(path: str, trusted: bool = False, verify: bool = True) -> Any:
+    """Load a checkpoint on the CPU, its weights verified against their checksums when it has them (unless
+    `verify` is off: the caller verifies, see verify_in_background); errors name the file and what is wrong."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
@@ -85,7 +96,8 @@ def read_checkpoint(path: str, trusted: bool = False) -> Any:
         raise UserError(f"{path}: {_what_pickle_needs(path)}") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for foreign or truncated files
         raise UserError(f"{path}: {_why_unreadable(path, e)}") from None
-    verify_weights(ckpt, path)
+    if verify:
+        verify_weights(ckpt, path)
     return ckpt
 
 
