@@ -85,8 +85,9 @@ class PreloadedImages:
 
 
 class ImageTextDataset(Dataset):
-    """Training pairs `(pid, image_id, img_path, caption)` -> dict of `pids`, `image_ids`, `images`,
-    `caption_ids` and, with `mlm`, `mlm_ids` and `mlm_labels` (SPEC 3).
+    """Training pairs `(pid, image_id, img_path, caption)` -> dict of `pids`, `image_ids`, `indices` (the pair's
+    position in the training set), `images`, `caption_ids` (through `augment_caption`, a caption augmentation of
+    datasets/augment.py, when given) and, with `mlm`, `mlm_ids` and `mlm_labels` (SPEC 3).
 
     Images are read from disk, or taken from `images` (PreloadedImages) when given; `transform` applies to what
     either gives (a PIL image, or the preloaded tensor).
@@ -94,7 +95,8 @@ class ImageTextDataset(Dataset):
 
     def __init__(self, pairs: Sequence[Tuple[int, int, str, str]], transform: Optional[Callable] = None,
                  text_length: int = 77, mlm: bool = False, mask_rate: float = 0.15, replace_mask: float = 0.8,
-                 replace_random: float = 0.1, seed: int = 0, images: Optional[PreloadedImages] = None):
+                 replace_random: float = 0.1, seed: int = 0, images: Optional[PreloadedImages] = None,
+                 augment_caption: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.pairs = pairs
         self.transform = transform
         self.images = images
@@ -104,6 +106,7 @@ class ImageTextDataset(Dataset):
         self.replace_random = replace_random
         self.seed = seed
         self.epoch = 0
+        self.augment_caption = augment_caption
         self.caption_ids = _Captions([p[3] for p in pairs], text_length)
 
     def set_epoch(self, epoch: int) -> None:
@@ -117,10 +120,13 @@ class ImageTextDataset(Dataset):
         pid, image_id, img_path, _ = self.pairs[index]
         img = read_image(img_path) if self.images is None else self.images[img_path]
         caption_ids = self.caption_ids[index]
-        item: Dict[str, object] = {"pids": pid, "image_ids": image_id, "caption_ids": caption_ids}
+        item: Dict[str, object] = {"pids": pid, "image_ids": image_id, "indices": index}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(item_seed(self.seed, self.epoch, index))
             item["images"] = self.transform(img) if self.transform is not None else img
+            if self.augment_caption is not None:
+                caption_ids = self.augment_caption(caption_ids)
+            item["caption_ids"] = caption_ids
             if self.mlm:
                 item["mlm_ids"], item["mlm_labels"] = mask_tokens(
                     caption_ids, mask_rate=self.mask_rate, replace_mask=self.replace_mask,

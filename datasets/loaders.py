@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from datasets.augment import caption_augment
 from datasets.base import PedesDataset
 from datasets.image_text import ImageDataset, ImageTextDataset, PreloadedImages, TextDataset, mlm_options
 from datasets.samplers import RandomIdentitySampler, ShuffleSampler
@@ -57,7 +58,7 @@ def build_train_loader(cfg, dataset: PedesDataset, rank: int = 0, world_size: in
     else:
         transform = build_transforms(cfg.img_size, is_train=True, aug=cfg.img_aug)
     train_set = ImageTextDataset(dataset.train, transform, cfg.text_length, mlm="mlm" in cfg.losses,
-                                 seed=cfg.seed, images=images,
+                                 seed=cfg.seed, images=images, augment_caption=caption_augment(cfg.caption_augment),
                                  **mlm_options(cfg.masked_token_rate, cfg.masked_token_unchanged_rate))
     if cfg.sampler == "identity":
         sampler = RandomIdentitySampler([p[0] for p in dataset.train], batch_size, cfg.num_instance, cfg.seed,
@@ -74,6 +75,19 @@ def build_train_loader(cfg, dataset: PedesDataset, rank: int = 0, world_size: in
                         f"{'per process ' if world_size > 1 else ''}for batch_size {cfg.batch_size}{share}; "
                         f"lower --batch_size")
     return loader
+
+
+def full_pass_loader(cfg, train_set: ImageTextDataset, epoch: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A loader over every training item (this process's share): the items of `epoch` as training gets them
+    (augmentation included, with their `indices`), in a seeded order of their own, the last batch kept. For
+    per-epoch callbacks that look at the whole training set (RDE's sample selection)."""
+    train_set.set_epoch(epoch)
+    # A seed apart from the training order's: the pass sees other batch mates than the epoch will.
+    sampler = ShuffleSampler(len(train_set), 2 * cfg.seed + 1, num_replicas=world_size, rank=rank)
+    sampler.set_epoch(epoch)
+    return DataLoader(train_set, batch_size=per_process_batch_size(cfg, world_size), sampler=sampler,
+                      num_workers=cfg.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                      drop_last=False, persistent_workers=False, generator=_loader_generator(cfg.seed))
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:

@@ -17,7 +17,7 @@ from prettytable import PrettyTable
 from datasets.loaders import build_eval_loaders
 from evaluation.embed import embed_loaders
 from evaluation.metrics import METRIC_KEYS
-from evaluation.scoring import embedding_metrics
+from evaluation.scoring import feature_metrics
 
 logger = logging.getLogger("php")
 
@@ -27,16 +27,19 @@ TOLERANCE = 1e-4
 
 def embed_split(model, cfg, split: dict, order: str = "file", batch_size: Optional[int] = None,
                 seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Raw (unnormalised) image and text embeddings of `split`, returned in the split's own order."""
+    """Raw (unnormalised) image and text embeddings of `split` (`*_feats`: every named embedding side by side) and
+    their retrieval features (`*_features`), returned in the split's own order."""
     batch_size = 1 if order == "single" else (batch_size or cfg.test_batch_size)
     g = torch.Generator().manual_seed(seed)
     perms = [torch.randperm(n, generator=g) if order == "shuffled" else torch.arange(n)
              for n in (len(split["img_paths"]), len(split["captions"]))]
     loaders = build_eval_loaders(cfg, split, batch_size, orders=(perms[0].tolist(), perms[1].tolist()))
-    feats = embed_loaders(model, *loaders, precision="fp32", normalize=False, desc=f"audit ({order})")
+    feats = embed_loaders(model, *loaders, precision="fp32", keep_raw=True, desc=f"audit ({order})")
     out = {}
     for name, perm in (("image", perms[0]), ("text", perms[1])):
-        for kind in ("feats", "pids"):
+        feats[f"{name}_features"] = feats.pop(f"{name}_feats")
+        feats[f"{name}_feats"] = feats.pop(f"{name}_raw")
+        for kind in ("feats", "features", "pids"):
             value = feats[f"{name}_{kind}"]
             restored = torch.empty_like(value)
             restored[perm] = value
@@ -45,7 +48,8 @@ def embed_split(model, cfg, split: dict, order: str = "file", batch_size: Option
 
 
 def metrics_of(feats: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    return embedding_metrics(feats["text_feats"], feats["image_feats"], feats["text_pids"], feats["image_pids"])["t2i"]
+    return feature_metrics(feats["text_features"], feats["image_features"], feats["text_pids"],
+                           feats["image_pids"])["t2i"]
 
 
 def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from evaluation.scoring import retrieval_features
+from model.similarity import raw_embeddings
 from utils.env import PRECISIONS, autocast
 from utils.errors import UserError
 
@@ -34,38 +35,62 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def _encoder(model: torch.nn.Module, kind: str, normalize: bool, keep_raw: bool):
+    """inputs -> (what embed_loaders returns for them: retrieval features or raw embeddings, the raw embeddings
+    too when `keep_raw`). A RetrievalModel gives its named embeddings and its similarity's features; any other
+    encoder (encode_image / encode_text, e.g. a test's) is taken as one 'global' embedding, cosine-scored."""
+    _, method, _ = _KINDS[kind]
+    if hasattr(model, "embed") and hasattr(model, "similarity"):
+        def encode(inputs):
+            named = model.embed(kind, inputs)
+            raw = raw_embeddings(named) if (keep_raw or not normalize) else None
+            return (model.similarity.features(named) if normalize else raw), raw
+        return encode
+    if normalize and hasattr(model, "features"):
+        return lambda inputs: (model.features(kind, inputs), None)
+    plain = getattr(model, method)
+
+    def encode_plain(inputs):
+        out = plain(inputs).float()
+        return (retrieval_features(out) if normalize else out), (out if keep_raw else None)
+    return encode_plain
+
+
 def _embed_one(model: torch.nn.Module, loader: Iterable, kind: str, device: torch.device, precision: str,
-               normalize: bool, desc: str) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """Per-batch float32 CPU embeddings and pids of one loader."""
-    key, method, what = _KINDS[kind]
-    encode = getattr(model, method)
-    feats, pids = [], []
+               normalize: bool, desc: str, keep_raw: bool = False):
+    """Per-batch float32 CPU embeddings, raw embeddings (when kept) and pids of one loader."""
+    key, _, what = _KINDS[kind]
+    encode = _encoder(model, kind, normalize, keep_raw)
+    feats, raws, pids = [], [], []
     for batch in tqdm(loader, desc=f"{desc} {what}", disable=None, leave=False):
         if not isinstance(batch, Mapping) or key not in batch or "pids" not in batch:
             got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise UserError(f"{what} loader: expected dict batches with keys 'pids' and '{key}', got {got}")
         batch_pids = torch.as_tensor(batch["pids"]).long().reshape(-1).cpu()
         with autocast(device, precision):
-            out = encode(batch[key].to(device, non_blocking=True))
+            out, raw = encode(batch[key].to(device, non_blocking=True))
         if out.dim() != 2 or out.shape[0] != batch_pids.numel():
             raise UserError(f"{what} loader: a batch of {batch_pids.numel()} pids gave embeddings of shape "
                             f"{tuple(out.shape)}; expected [{batch_pids.numel()}, D]")
-        out = out.float()
-        feats.append((retrieval_features(out) if normalize else out).cpu())
+        feats.append(out.float().cpu())
+        if raw is not None:
+            raws.append(raw.float().cpu())
         pids.append(batch_pids)
     if not feats:
         raise UserError(f"{what} loader: yielded no batches; the split has no {what}")
-    return feats, pids
+    return feats, raws, pids
 
 
 def embed_loaders(model: torch.nn.Module, images: Optional[Iterable] = None, texts: Optional[Iterable] = None, *,
-                  precision: str = "fp32", normalize: bool = True, desc: str = "eval") -> Dict[str, torch.Tensor]:
+                  precision: str = "fp32", normalize: bool = True, desc: str = "eval",
+                  keep_raw: bool = False) -> Dict[str, torch.Tensor]:
     """Float32 CPU embeddings of every batch of `images` and of `texts`, in loader order, with their pids.
 
     `images` yields `{"pids": [B], "images": [B, 3, H, W]}` and gives `image_feats` [N, D] and `image_pids` [N];
     `texts` yields `{"pids": [B], "caption_ids": [B, L]}` and gives `text_feats` and `text_pids`; either may be
-    None. Embeddings are retrieval features (evaluation.scoring: L2-normalised) unless `normalize=False` (the encoders'
-    raw outputs). The model runs in
+    None. Embeddings are retrieval features (model/similarity.py: the cosine of the global embedding, or the method's
+    declared similarity) unless `normalize=False` (every named embedding, raw, side by side); `keep_raw` adds those
+    as `image_raw` / `text_raw` beside the features. The model runs in
     eval mode under `torch.inference_mode()` on its own device, under autocast for "bf16" / "fp16"; every
     module's train/eval mode is restored afterwards. `model.reset_expert_usage()`, when the model has it, is
     called first, so expert-usage counts cover exactly this call. A malformed batch, an encoder output that does
@@ -80,13 +105,15 @@ def embed_loaders(model: torch.nn.Module, images: Optional[Iterable] = None, tex
         if callable(reset):
             reset()
         with torch.inference_mode():
-            parts = {kind: _embed_one(model, loader, kind, device, precision, normalize, desc)
+            parts = {kind: _embed_one(model, loader, kind, device, precision, normalize, desc, keep_raw)
                      for kind, loader in (("image", images), ("text", texts)) if loader is not None}
     finally:
         for module, training in modes:
             module.training = training
     # Concatenated outside inference mode: callers get ordinary tensors they may modify in place.
     out = {}
-    for kind, (feats, pids) in parts.items():
+    for kind, (feats, raws, pids) in parts.items():
         out[f"{kind}_feats"], out[f"{kind}_pids"] = torch.cat(feats), torch.cat(pids)
+        if keep_raw:
+            out[f"{kind}_raw"] = torch.cat(raws)
     return out

@@ -9,7 +9,7 @@ import torch
 
 from evaluation.embed import check_precision, embed_loaders, model_device
 from evaluation.metrics import format_table
-from evaluation.scoring import embedding_metrics
+from evaluation.scoring import feature_metrics
 
 
 class Evaluator:
@@ -42,11 +42,11 @@ class Evaluator:
 
         Returns `({"t2i": metrics, "i2t": metrics (only if requested), "num_queries": captions,
         "num_gallery": images}, table)`, metrics as in `evaluation.metrics.retrieval_metrics`, scored by
-        `evaluation.scoring.embedding_metrics` on the model's device.
+        `evaluation.scoring.feature_metrics` on the model's device.
         """
-        feats = self.embed(model, normalize=False)
-        results: Dict = embedding_metrics(feats["text_feats"], feats["image_feats"], feats["text_pids"],
-                                          feats["image_pids"], device=model_device(model), i2t=i2t)
+        feats = self.embed(model)
+        results: Dict = feature_metrics(feats["text_feats"], feats["image_feats"], feats["text_pids"],
+                                        feats["image_pids"], device=model_device(model), i2t=i2t)
         results["num_queries"] = int(feats["text_pids"].numel())
         results["num_gallery"] = int(feats["image_pids"].numel())
         table = format_table(results)

@@ -148,7 +148,7 @@ def _problem(data: Any, key: str, gallery: Gallery, embed_dim: int) -> Optional[
     shape, expected = list(feats.shape), [len(gallery), embed_dim]
     if shape != expected:
         return (f"its features have shape {shape}, expected {expected} (the gallery's {len(gallery)} images x "
-                f"the model's embedding width {embed_dim})")
+                f"the model's feature width {embed_dim})")
     if data.get("shape") != shape or data.get("dtype") != "float32":
         return (f"its features do not match their recorded shape and dtype ({short_repr(data.get('shape'))}, "
                 f"{short_repr(data.get('dtype'))})")
@@ -203,7 +203,7 @@ def gallery_embeddings(model: torch.nn.Module, gallery: Gallery, checkpoint_path
     `settings` holds whatever besides the checkpoint and the images changes the embeddings: `img_size`,
     `precision`, `batch_size` (it matters in the batch-dependent compat mode) and `compat`; all go into the
     key. `cache_dir=None` disables the cache; `num_workers` are the image loader's worker processes. A cache
-    file is checked against `model.embed_dim`, the width of the embeddings.
+    file is checked against `model.feature_dim`, the width of the retrieval features.
     """
     def embed() -> torch.Tensor:
         return embed_images(model, gallery.paths, settings["img_size"], settings["precision"],
@@ -216,7 +216,7 @@ def gallery_embeddings(model: torch.nn.Module, gallery: Gallery, checkpoint_path
     key = cache_key(checkpoint_path, gallery, settings)
     path = cache_path(cache_dir, checkpoint_path, gallery, key)
     if os.path.isfile(path):
-        feats = _read(path, key, gallery, model.embed_dim)
+        feats = _read(path, key, gallery, model.feature_dim)
         if feats is not None:
             return feats, True, path
     feats = embed()

@@ -24,7 +24,7 @@ from datasets import dataset_from_config
 from datasets.loaders import build_eval_loaders
 from evaluation.embed import embed_loaders
 from evaluation.eval_log import append_evaluation, count_test_evaluations
-from evaluation.scoring import embedding_metrics
+from evaluation.scoring import feature_metrics
 from evaluation.search import shown_path
 from evaluation.testing import run_changes
 from evaluation.summary import METRICS, Row, csv_table, experiment_key, markdown_table, with_groups
@@ -167,7 +167,7 @@ def mode_note(compat: str, cfg: Config, metrics: dict) -> str:
 
 
 class ModesEncoder(torch.nn.Module):
-    """A model's embeddings in several compat modes side by side ([B, modes x D]).
+    """A model's retrieval features in several compat modes side by side ([B, modes x F]).
 
     One pass over the data then serves every mode, and each mode still sees exactly the batches a separate
     evaluation would (file order, test_batch_size), so php_v1 numbers are those of the reference protocol.
@@ -178,33 +178,26 @@ class ModesEncoder(torch.nn.Module):
         self.model, self.layout, self.configured = run.model, run.layout, run.cfg.efp_attention
         self.modes = list(modes)
 
-    def _encode(self, encode, inputs: torch.Tensor) -> torch.Tensor:
+    def features(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         outputs = []
         for mode in self.modes:
             self.model.set_efp_attention(efp_attention_for(mode, self.layout, self.configured))
-            outputs.append(encode(inputs).float())
+            outputs.append(self.model.features(modality, inputs))
         return torch.cat(outputs, dim=1)
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encode(self.model.encode_image, images)
-
-    def encode_text(self, caption_ids: torch.Tensor) -> torch.Tensor:
-        return self._encode(self.model.encode_text, caption_ids)
 
 
 def evaluate_modes(run: LoadedRun, modes: Sequence[str], loaders: Sequence[Iterable], desc: str = "eval"
                    ) -> Dict[str, dict]:
     """t2i metrics (as `retrieval_metrics` returns them) of the run's model in each compat mode, from one pass
     over `loaders` (the image loader, the text loader)."""
-    feats = embed_loaders(ModesEncoder(run, modes), *loaders, precision=run.cfg.precision, normalize=False,
-                          desc=desc)
+    feats = embed_loaders(ModesEncoder(run, modes), *loaders, precision=run.cfg.precision, desc=desc)
     device = next(run.model.parameters()).device
-    width = feats["image_feats"].shape[1] // len(modes)
+    width = run.model.feature_dim
     results = {}
     for k, mode in enumerate(modes):
         columns = slice(k * width, (k + 1) * width)
-        results[mode] = embedding_metrics(feats["text_feats"][:, columns], feats["image_feats"][:, columns],
-                                          feats["text_pids"], feats["image_pids"], device=device)["t2i"]
+        results[mode] = feature_metrics(feats["text_feats"][:, columns], feats["image_feats"][:, columns],
+                                        feats["text_pids"], feats["image_pids"], device=device)["t2i"]
     run.model.set_efp_attention(efp_attention_for(run.compat, run.layout, run.cfg.efp_attention))
     return results
 
@@ -267,11 +260,18 @@ def evaluate_folder(run: str, request: EvaluationRequest, cache: SplitCache, dev
         rows = [Row(label, cfg.dataset_name, mode, {k: float(results[mode][k]) for k in METRICS},
                     "; ".join(n for n in [mode_note(mode, cfg, results[mode]), *changes] if n), commit=code_version(),
                     checkpoint=checkpoint[:12], experiment=experiment, name=cfg.name, seed=cfg.seed,
-                    checkpoint_sha256=checkpoint) for mode in modes]
+                    checkpoint_sha256=checkpoint, noise=noise_of(cfg)) for mode in modes]
         tested = log_evaluations(run_dir, checkpoint, rows)
     for row in rows:
         row.tested = tested
     return rows
+
+
+def noise_of(cfg: Config) -> str:
+    """The summary's noise cell: the noisy_rate a run trained with, its noisy_file's name too; '' when clean."""
+    if cfg.noisy_file:
+        return f"{cfg.noisy_rate:g} ({os.path.basename(cfg.noisy_file)})"
+    return f"{cfg.noisy_rate:g}" if cfg.noisy_rate > 0 else ""
 
 
 def failed_row(run: str, request: EvaluationRequest, message: str) -> Row:

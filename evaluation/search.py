@@ -44,8 +44,9 @@ import torch
 from evaluation.gallery_cache import Gallery, gallery_embeddings, gallery_from_folder, gallery_from_split, \
     normalise_caption
 from evaluation.visualize import Hit, ResultRow
-from evaluation.scoring import retrieval_features, similarity
+from evaluation.scoring import similarity
 from model import load_model
+from model.similarity import DEFAULT
 from model.loading import LoadedRun
 from utils.env import autocast, resolve_device
 from utils.errors import UserError
@@ -141,15 +142,16 @@ def single_cpu_thread(device: torch.device) -> Iterator[None]:
 
 def top_k(model: torch.nn.Module, texts: List[str], gallery_feats: torch.Tensor, k: int, text_length: int,
           precision: str = "fp32") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cosine scores and gallery indices [Q, k] of the top-k images per text, best first."""
+    """Scores (the model's similarity: a cosine by default) and gallery indices [Q, k] of the top-k images per
+    text, best first."""
     device = next(model.parameters()).device
     ids = tokenize(texts, text_length, truncate=True).to(device)
     model.eval()
     # One text at a time: in bf16 / fp16 the kernels' rounding depends on how many rows a product has, and a
     # query's scores must not depend on the queries asked with it (retrieve.py and the web page agree to 1e-4).
     with torch.inference_mode(), autocast(device, precision), single_cpu_thread(device):
-        feats = torch.cat([model.encode_text(ids[i:i + 1]) for i in range(len(texts))])
-    return similarity(retrieval_features(feats).cpu(), gallery_feats).topk(min(k, gallery_feats.shape[0]), dim=1)
+        feats = torch.cat([model.features("text", ids[i:i + 1]) for i in range(len(texts))])
+    return similarity(feats.float().cpu(), gallery_feats).topk(min(k, gallery_feats.shape[0]), dim=1)
 
 
 class Searcher:
@@ -169,6 +171,8 @@ class Searcher:
             cfg = run.loaded.cfg
             settings = {"compat": run.loaded.compat, "img_size": list(cfg.img_size), "precision": cfg.precision,
                         "batch_size": cfg.test_batch_size}
+            if run.loaded.model.similarity != DEFAULT:  # (the key of every cache written before it existed)
+                settings["similarity"] = [list(w) for w in run.loaded.model.similarity.weights]
             feats, cached, cache_file = gallery_embeddings(run.loaded.model, self.gallery,
                                                            run.loaded.checkpoint_path, run.cache_dir, settings,
                                                            cfg.num_workers)

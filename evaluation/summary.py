@@ -7,8 +7,9 @@ one checkpoint (a copy), are one sample: the later one's row says so and the gro
 rows a group of two samples or more gets a row `<name> (n=N)`, `<name>` being the runs' name without its
 `_seed<N>` suffix, with the mean and the sample standard deviation (n - 1) of each metric. summary.md shows them as `73.41 ± 0.52`; summary.csv has `n` and `<metric>_mean`,
 `<metric>_std` columns, empty in the rows of single runs. Both tables carry the commit that evaluated a run,
-the first 12 characters of its checkpoint's sha256, and how often its test split has been evaluated (`tested`,
-from its test_log.jsonl), so that a checkpoint picked by looking at the test split shows it.
+the first 12 characters of its checkpoint's sha256, how often its test split has been evaluated (`tested`,
+from its test_log.jsonl), so that a checkpoint picked by looking at the test split shows it, and the share of its
+training pairs given another pair's caption (`noise`, SPEC 12; empty for clean data).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class Row:
     name: str = ""  # the run's `name` option
     seed: Optional[int] = None
     checkpoint_sha256: str = ""
+    noise: str = ""  # the noisy-correspondence rate it trained with ("" for clean data)
 
     @property
     def failed(self) -> bool:
@@ -63,6 +65,7 @@ class GroupRow:
     mean: Dict[str, float] = field(default_factory=dict)
     std: Dict[str, float] = field(default_factory=dict)
     commit: str = ""
+    noise: str = ""
 
 
 def experiment_key(config: Dict[str, object]) -> str:
@@ -124,12 +127,12 @@ def _group_row(members: List[Row]) -> GroupRow:
     return GroupRow(f"{label} (n={len(members)})", members[0].dataset, members[0].compat, len(members),
                     {k: statistics.fmean(m.metrics[k] for m in members) for k in METRICS},
                     {k: statistics.stdev(m.metrics[k] for m in members) for k in METRICS},
-                    commits.pop() if len(commits) == 1 else "several")
+                    commits.pop() if len(commits) == 1 else "several", members[0].noise)
 
 
-MD_COLUMNS = ("run", "dataset", "compat", *METRICS, "n", "commit", "checkpoint", "tested", "note")
+MD_COLUMNS = ("run", "dataset", "compat", *METRICS, "n", "noise", "commit", "checkpoint", "tested", "note")
 CSV_COLUMNS = ("run", "dataset", "compat", *METRICS, "n", *(f"{k}_{s}" for k in METRICS for s in ("mean", "std")),
-               "commit", "checkpoint", "tested", "note")
+               "noise", "commit", "checkpoint", "tested", "note")
 
 
 def _tested(row: Row) -> str:
@@ -143,11 +146,12 @@ def markdown_table(rows: Sequence[Union[Row, GroupRow]]) -> str:
     for row in rows:
         if isinstance(row, GroupRow):
             cells = [row.label, row.dataset, row.compat,
-                     *(f"{row.mean[k]:.2f} ± {row.std[k]:.2f}" for k in METRICS), str(row.n), row.commit, "", "", ""]
+                     *(f"{row.mean[k]:.2f} ± {row.std[k]:.2f}" for k in METRICS), str(row.n), row.noise, row.commit,
+                     "", "", ""]
         else:
             values = [f"{row.metrics[k]:.2f}" for k in METRICS] if row.metrics else ["-"] * len(METRICS)
-            cells = [row.run, row.dataset, row.compat, *values, "", row.commit, row.checkpoint, _tested(row),
-                     row.note]
+            cells = [row.run, row.dataset, row.compat, *values, "", row.noise, row.commit, row.checkpoint,
+                     _tested(row), row.note]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -161,10 +165,10 @@ def csv_table(rows: Sequence[Union[Row, GroupRow]]) -> str:
     for row in rows:
         if isinstance(row, GroupRow):
             stats = [f"{getattr(row, s)[k]:.4f}" for k in METRICS for s in ("mean", "std")]
-            writer.writerow([row.label, row.dataset, row.compat, *[""] * len(METRICS), row.n, *stats, row.commit,
-                             "", "", ""])
+            writer.writerow([row.label, row.dataset, row.compat, *[""] * len(METRICS), row.n, *stats, row.noise,
+                             row.commit, "", "", ""])
         else:
             values = [f"{row.metrics[k]:.4f}" for k in METRICS] if row.metrics else [""] * len(METRICS)
-            writer.writerow([row.run, row.dataset, row.compat, *values, "", *[""] * (2 * len(METRICS)),
+            writer.writerow([row.run, row.dataset, row.compat, *values, "", *[""] * (2 * len(METRICS)), row.noise,
                              row.commit, row.checkpoint, _tested(row), row.note])
     return out.getvalue()

@@ -8,6 +8,10 @@ in fp32 internally, so the probabilities match an fp32 softmax rounded to bf16 (
 equal) while skipping two casts of the [N, heads, L, L] scores each way (3.6x faster softmax fwd+bwd at ViT-B/16
 size). In fp32 on the CPU, SDPA's flash kernel is the fastest and stays.
 `python -m benchmarks.attention_cpu` measures the choice; its figures are in benchmarks/README.md.
+
+A block can keep its attention probabilities (`keep_weights`, set by the model on each tower's last block when a
+head asks for them, as RDE's TSE does): it then computes them explicitly, on any device, and leaves them, averaged
+over heads, in `weights` [N, L, L] (float32) after each forward. Otherwise nothing changes.
 """
 from __future__ import annotations
 
@@ -20,14 +24,18 @@ from open_clip.transformer import Attention
 class TowerAttention(Attention):
     """open_clip's `Attention` (same parameters, same results up to rounding) with the CPU path above."""
 
+    keep_weights = False
+    weights: Optional[torch.Tensor] = None
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         low_precision = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
-        if x.device.type == "cpu" and low_precision and self.logit_scale is None:
+        if self.keep_weights or (x.device.type == "cpu" and low_precision and self.logit_scale is None):
             return self.matmul_attention(x, attn_mask)
         return super().forward(x, attn_mask)
 
     def matmul_attention(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The attention as matmul, softmax, matmul in the input's dtype (any device)."""
+        """The attention as matmul, softmax, matmul in the input's dtype (any device); with `keep_weights` the
+        probabilities, averaged over heads, stay in `weights`."""
         n, length, width = x.shape
         qkv = torch.nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(n, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
@@ -36,6 +44,8 @@ class TowerAttention(Attention):
         if attn_mask is not None:
             scores = scores + additive_mask(attn_mask, n, self.num_heads, length, scores.dtype)
         probs = torch.softmax(scores, dim=-1)
+        if self.keep_weights:
+            self.weights = probs.detach().float().mean(dim=1)
         out = self.attn_drop(probs) @ v
         if self.head_scale is not None:
             out = out * self.head_scale
@@ -51,6 +61,11 @@ def additive_mask(mask: torch.Tensor, n: int, heads: int, length: int, dtype: to
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
     return mask.to(dtype)
+
+
+def tower_attentions(clip) -> list:
+    """The attention modules of the last block of the image tower and of the text tower, in that order."""
+    return [clip.visual.transformer.resblocks[-1].attn, clip.transformer.resblocks[-1].attn]
 
 
 def use_tower_attention(blocks) -> None:

@@ -7,7 +7,7 @@ from open_clip.model import CLIP
 
 # The built-in heads and losses register themselves when imported; PHP first, so that the model's parameters
 # (and with them a saved optimizer state) keep their order: backbone, php, classifier, mlm.
-from model import php_head, irra_head, losses  # noqa: F401
+from model import php_head, irra_head, losses, tse, tal  # noqa: F401
 from model.backbone import build_backbone
 from model.registry import HEADS, LOSSES, HeadContext, loss_weight
 from model.retrieval_model import ActiveLoss, RetrievalModel

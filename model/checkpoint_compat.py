@@ -1,4 +1,4 @@
-"""Reading published run folders (the IRRA and PHP reference releases) into this project's model.
+"""Reading published run folders (the IRRA, PHP and RDE reference releases) into this project's model.
 
 Key names are mapped explicitly, rule by rule. A key that no rule maps and that is not on the short ignore list
 below is an error that names it. Published weights are mostly fp16; they are cast to fp32.
@@ -19,7 +19,7 @@ from utils.config import drop_retired
 from utils.schema import COMPAT_MODES  # noqa: F401 - re-exported
 from utils.errors import UserError
 
-PROJECT, PHP_V1, IRRA = "project", "php_v1", "irra"
+PROJECT, PHP_V1, IRRA, RDE = "project", "php_v1", "irra", "rde"
 
 _BLOCK = r"^shared_transformer\.resblocks\.(\d+)\."
 _RULES: List[Tuple[str, str]] = [
@@ -37,6 +37,9 @@ _RULES: List[Tuple[str, str]] = [
     (_BLOCK + r"(attn|ln_1|ln_2|ln_3|mlp)\.", r"php.efp.blocks.\1.\2."),
     (r"^classifier\.", "classifier."),
     (r"^(cross_attn|cross_modal_transformer|ln_pre_t|ln_pre_i|ln_post|mlm_head)\.", r"mlm.\1."),
+    # RDE's TSE layers (its spelling): model/tse.py.
+    (r"^visul_emb_layer\.", "tse.image."),
+    (r"^texual_emb_layer\.", "tse.text."),
 ]
 _IGNORED = [r"^safl\.pos_embeding$", _BLOCK + r"feed_forward\.(expert_count_accum|token_count_accum)$"]
 
@@ -46,13 +49,15 @@ def detect_layout(state_dict: Dict[str, Any], source: str) -> str:
     if any(k.startswith("backbone.") for k in keys):
         return PROJECT
     if any(k.startswith("base_model.") for k in keys):
-        return PHP_V1 if any(k.startswith(("safl.", "shared_transformer.")) for k in keys) else IRRA
-    raise UserError(f"{source}: not a checkpoint of this project, IRRA or PHP (no 'backbone.*' or "
+        if any(k.startswith(("safl.", "shared_transformer.")) for k in keys):
+            return PHP_V1
+        return RDE if any(k.startswith(("visul_emb_layer.", "texual_emb_layer.")) for k in keys) else IRRA
+    raise UserError(f"{source}: not a checkpoint of this project, IRRA, PHP or RDE (no 'backbone.*' or "
                     f"'base_model.*' weights; first keys: {keys[:3]})")
 
 
 def map_published_state_dict(state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:
-    """Rename a published (IRRA / PHP reference) state dict to this project's names, in fp32."""
+    """Rename a published (IRRA / PHP / RDE reference) state dict to this project's names, in fp32."""
     out: Dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state_dict.items():
@@ -114,7 +119,23 @@ def translate_published_config(raw: Dict[str, Any], layout: str, source: str) ->
             values["mlm_loss_weight"] = 0.5 * float(values["mlm_loss_weight"])
     elif layout == IRRA:
         values["php_modules"] = "none"
+    elif layout == RDE:
+        values.update(translate_rde_config(values))
     return values
+
+
+def translate_rde_config(values: Dict[str, Any]) -> Dict[str, Any]:
+    """An RDE configs.yaml in this project's terms: its `loss_names` (`TAL+sr0.3_tau0.015_margin0.1_n0.0`, the
+    hyper-parameters spelled into the name) is the `tal` loss, whose options the file also holds; `txt_aug` is the
+    caption augmentation `rde`; its noise file lay on its authors' machine (the noise rate stays, for the
+    summary)."""
+    names = [n.strip() for n in str(values.get("loss_names", "")).split("+")]
+    if not any(n.upper() == "TAL" for n in names):
+        raise UserError(f"a published RDE run with loss_names {values.get('loss_names')!r}: only TAL runs are "
+                        f"supported (SPEC 12)")
+    return {"loss_names": "tal", "php_modules": "none",
+            "caption_augment": "rde" if values.pop("txt_aug", False) else "none",
+            "noisy_file": ""}
 
 
 def head_sizes(state_dict: Dict[str, torch.Tensor], dim: int) -> Dict[str, Any]:
@@ -139,4 +160,7 @@ def head_sizes(state_dict: Dict[str, torch.Tensor], dim: int) -> Dict[str, Any]:
         sizes["gate_context"] = "per_modality" if contexts == 2 else "shared"
     if any(k.startswith("mlm.") for k in keys):
         sizes["cmt_depth"] = count("mlm.cross_modal_transformer.resblocks.")
+    if "tse.image.fc.weight" in state_dict and state_dict["tse.image.fc.weight"].shape[0] != 2 * dim:
+        raise UserError(f"TSE layers of width {state_dict['tse.image.fc.weight'].shape[0]}; this project's TSE is "
+                        f"2 x the embedding width ({2 * dim})")
     return sizes

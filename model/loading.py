@@ -45,7 +45,7 @@ class LoadedRun:
 
     model: RetrievalModel  # in eval mode, on the requested device
     cfg: Config  # the run's config, resolved: the file, the checkpoint's sizes, the overrides
-    layout: str  # of the checkpoint: 'project', 'php_v1' or 'irra'
+    layout: str  # of the checkpoint: 'project', 'php_v1', 'irra' or 'rde'
     compat: str  # how the model runs: 'none' (batch-independent embeddings) or 'php_v1'
     checkpoint_path: str
     # What the run trained with, as its checkpoint records it (utils.provenance.code_and_data; empty for

@@ -48,6 +48,9 @@ class HeadSpec:
     lr_groups: Dict[str, Tuple[str, ...]]
     lr_factor: Union[str, float, None]
     owner: str
+    # The learning-rate factor of the head's biases (an option or a number), instead of bias_lr_factor: RDE trains
+    # its TSE layers' biases like their weights (1.0). None: bias_lr_factor.
+    bias_lr_factor: Union[str, float, None] = None
 
     def lr_kind(self, param: str) -> str:
         """The kind of the head's parameter `param` (its name within the head): the kind of the submodule it
@@ -74,17 +77,20 @@ LOSSES: Dict[str, LossSpec] = {}
 
 
 def register_head(name: str, *, enabled: Optional[Callable[[Any], bool]] = None, lr_factor: Union[str, float,
-                  None] = None, lr_groups: Optional[Dict[str, Sequence[str]]] = None, options: Sequence[Option] = ()):
+                  None] = None, lr_groups: Optional[Dict[str, Sequence[str]]] = None,
+                  bias_lr_factor: Union[str, float, None] = None, options: Sequence[Option] = ()):
     """Decorator for `build(cfg, ctx) -> Head`. Without `enabled`, the head is built when `cfg.heads` lists it.
     Declaring `lr_factor` (an option name or a number; 1.0 for the base lr) gives it a learning-rate group;
-    `lr_groups` ({"factor" | "head_factor": [submodule, ...]}) sets the kind of its submodules (see HeadSpec)."""
+    `lr_groups` ({"factor" | "head_factor": [submodule, ...]}) sets the kind of its submodules (see HeadSpec);
+    `bias_lr_factor` (an option name or a number) the factor of its biases instead of the run's bias_lr_factor."""
     def decorator(build):
         owner = declare(HEADS, "head", name, build.__module__, options)
         groups = {kind: tuple(modules) for kind, modules in (lr_groups or {}).items()}
         unknown = set(groups) - {"factor", "head_factor"}
         if unknown:
             raise ValueError(f"head {name!r}: lr_groups kinds must be 'factor' or 'head_factor', got {sorted(unknown)}")
-        HEADS[name] = HeadSpec(name, build, enabled or (lambda cfg: name in cfg.heads), groups, lr_factor, owner)
+        HEADS[name] = HeadSpec(name, build, enabled or (lambda cfg: name in cfg.heads), groups, lr_factor, owner,
+                               bias_lr_factor)
         return build
     return decorator
 

@@ -23,7 +23,9 @@ from open_clip.model import CLIP
 from torch import nn
 
 from model.backbone import eot_features, image_tokens, text_tokens
-from model.head import Head
+from model.attention import tower_attentions
+from model.head import Head, Tower
+from model.similarity import DEFAULT, Similarity
 from model.registry import HEADS, LossSpec
 
 # (image_feats, text_feats, pids) -> the same three over every process's batch; see utils/distributed.py.
@@ -61,6 +63,24 @@ class RetrievalModel(nn.Module):
             missing = [h for h in loss.spec.needs if h not in heads]
             if missing:
                 raise ValueError(f"loss '{name}' needs the head(s) {', '.join(missing)}, which this model lacks")
+        # The last block of each tower keeps its attention probabilities only when a head needs them.
+        self.keeps_attention = any(head.needs_attention for head in heads.values())
+        for tower in tower_attentions(backbone):
+            tower.keep_weights = self.keeps_attention
+        self.similarity = declared_similarity(heads)
+
+    @property
+    def embedding_widths(self) -> Dict[str, int]:
+        """The width of each named embedding ('global' and the heads' own)."""
+        widths = {"global": self.embed_dim}
+        for head in self.heads.values():
+            widths.update(head.embedding_widths())
+        return widths
+
+    @property
+    def feature_dim(self) -> int:
+        """The width of the retrieval features (model/similarity.py)."""
+        return self.similarity.width(self.embedding_widths)
 
     @property
     def heads(self) -> Dict[str, Head]:
@@ -84,13 +104,14 @@ class RetrievalModel(nn.Module):
             self.php.set_attention(mode)
 
     def _encode(self, modality: str, inputs: torch.Tensor):
-        """(embedding, tokens, side outputs of the heads) of images or caption ids."""
+        """(global embedding, tokens, side outputs of the heads, the heads' named embeddings) of images or
+        caption ids."""
         if modality == "image":
             tokens = image_tokens(self.backbone, inputs)
-            feats, padding = tokens[:, 0], None
+            feats, padding, ids = tokens[:, 0], None, None
         else:
             tokens = text_tokens(self.backbone, inputs)
-            feats, padding = eot_features(tokens, inputs), inputs == 0
+            feats, padding, ids = eot_features(tokens, inputs), inputs == 0, inputs
         side: Dict[str, torch.Tensor] = {}
         for name in self.head_names:
             result = getattr(self, name).embed(tokens, modality, padding)
@@ -98,7 +119,23 @@ class RetrievalModel(nn.Module):
                 part, extra = result
                 feats = feats + part
                 side.update({f"{modality}_{key}": value for key, value in extra.items()})
-        return feats, tokens, side
+        named: Dict[str, torch.Tensor] = {}
+        if any(type(head).embeddings is not Head.embeddings for head in self.heads.values()):
+            attention = tower_attentions(self.backbone)[0 if modality == "image" else 1].weights \
+                if self.keeps_attention else None
+            tower = Tower(modality, tokens, padding, ids, attention)
+            for head in self.heads.values():
+                named.update(head.embeddings(tower))
+        return feats, tokens, side, named
+
+    def embed(self, modality: str, inputs: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Every named embedding of images or caption ids, float32: 'global' and the heads' own."""
+        feats, _, _, named = self._encode(modality, inputs)
+        return {"global": feats.float(), **{k: v.float() for k, v in named.items()}}
+
+    def features(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Retrieval features [B, feature_dim]: their dot products are the model's similarities."""
+        return self.similarity.features(self.embed(modality, inputs))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unnormalised image embeddings, float32 [B, D]."""
@@ -117,11 +154,13 @@ class RetrievalModel(nn.Module):
         return self.php.expert_usage() if self.php is not None else {}
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        image_feats, image_toks, image_side = self._encode("image", batch["images"])
-        text_feats, text_toks, text_side = self._encode("text", batch["caption_ids"])
+        image_feats, image_toks, image_side, image_named = self._encode("image", batch["images"])
+        text_feats, text_toks, text_side, text_named = self._encode("text", batch["caption_ids"])
         out: Dict[str, Any] = {"image_feats": image_feats.float(), "text_feats": text_feats.float(),
                                "pids": batch["pids"], "image_tokens": image_toks, "text_tokens": text_toks,
-                               "logit_scale": self.logit_scale, "batch": batch, **image_side, **text_side}
+                               "logit_scale": self.logit_scale, "batch": batch, **image_side, **text_side,
+                               **{f"image_{k}": v.float() for k, v in image_named.items()},
+                               **{f"text_{k}": v.float() for k, v in text_named.items()}}
         for head in self.heads.values():
             out.update(head.outputs(out, self))
         return self.compute_losses(out)
@@ -153,3 +192,12 @@ class RetrievalModel(nn.Module):
                     value = value["loss"]
                 results[f"{name}_loss"] = loss.weight * value.float()
         return results
+
+
+def declared_similarity(heads: Dict[str, Head]) -> Similarity:
+    """The similarity the heads declare (model/similarity.py): at most one head declares one; the cosine of the
+    global embedding otherwise."""
+    declared = [(name, head.similarity()) for name, head in heads.items() if head.similarity() is not None]
+    if len(declared) > 1:
+        raise ValueError(f"heads {', '.join(n for n, _ in declared)} each declare a similarity; one may")
+    return Similarity.of(declared[0][1]) if declared else DEFAULT

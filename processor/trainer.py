@@ -25,12 +25,14 @@ import time
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from datasets.loaders import per_process_batch_size, set_loader_epoch
 from evaluation.metrics import METRIC_KEYS
 from model.backbone import compile_blocks
+from processor.callbacks import CallbackRunner
 from solver import build_lr_scheduler, build_optimizer, describe_param_groups
 from utils import distributed as dist_utils
 from utils.checkpoint import CHECKSUMS, save_checkpoint, weight_checksums
@@ -55,7 +57,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, train_loader=None, evaluator=None,
                  run_dir: Optional[str] = None, device: Optional[torch.device] = None, rank: int = 0,
-                 world_size: int = 1, provenance: Optional[dict] = None):
+                 world_size: int = 1, provenance: Optional[dict] = None, clean: Optional[np.ndarray] = None):
         device = device if device is not None else next(model.parameters()).device
         self.cfg, self.train_loader, self.evaluator = cfg, train_loader, evaluator
         self.run_dir, self.device, self.rank, self.world_size = run_dir, device, rank, world_size
@@ -75,6 +77,9 @@ class Trainer:
         self.nonfinite_steps = 0
         self.history: List[dict] = []
         self.writer = None
+        # Per-epoch callbacks (RDE's sample selection, plug-ins') and the sample weights they set.
+        self.callbacks = CallbackRunner(cfg, model, device, getattr(train_loader, "dataset", None), rank, world_size,
+                                        clean)
         if rank == 0:
             logger.info("parameter groups:\n%s", describe_param_groups(self.optimizer))
 
@@ -86,7 +91,7 @@ class Trainer:
                 "best_r1": self.best_r1, "best_epoch": self.best_epoch, "nonfinite_steps": self.nonfinite_steps,
                 "history": self.history, "config": self.cfg.to_dict(), "format_version": FORMAT_VERSION,
                 "world_size": self.world_size, "rng": {"torch": torch.get_rng_state()},
-                "provenance": self.provenance}
+                "provenance": self.provenance, "callbacks": self.callbacks.state_dict()}
 
     def restore(self, ckpt: dict, path: str) -> bool:
         """Restore everything from checkpoint `ckpt` (read from `path`), in memory only; returns False when that run
@@ -104,6 +109,7 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.best_r1, self.best_epoch = ckpt["best_r1"], ckpt["best_epoch"]
         self.nonfinite_steps, self.history = ckpt["nonfinite_steps"], list(ckpt["history"])
+        self.callbacks.load_state_dict(ckpt.get("callbacks"))
         self.start_epoch = int(ckpt["epoch"]) + 1
         saved_world = ckpt.get("world_size", self.world_size)
         if saved_world != self.world_size and self.rank == 0:
@@ -133,6 +139,8 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, cfg.num_epoch + 1):
                 start = time.time()
+                reports = self.callbacks.before_epoch(epoch)
+                callback_seconds = time.time() - start
                 means = self.train_epoch(epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
@@ -141,6 +149,8 @@ class Trainer:
                 record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 2),
                           "samples_per_s": round(len(self.train_loader) * global_batch / max(seconds, 1e-9), 2),
                           "losses": means, **self.provenance}
+                if self.callbacks:
+                    record.update(callbacks=reports, callback_seconds=round(callback_seconds, 2))
                 improved = False
                 if epoch % cfg.eval_period == 0 or epoch == cfg.num_epoch:
                     results = self.evaluate(epoch)
@@ -193,6 +203,7 @@ class Trainer:
             # keeps its own values, copied out by torch.stack below).
             torch.compiler.cudagraph_mark_step_begin()
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = self.callbacks.annotate(batch)
         with autocast(self.device, cfg.precision):
             out = self.model(batch)
         terms = [k for k in out if k.endswith("_loss")]

@@ -15,16 +15,19 @@ import torch
 
 from datasets import dataset_from_config
 from datasets.loaders import build_eval_loaders, build_train_loader
+from datasets.noise import apply_noise
 from evaluation.curves import plot_curves
 from evaluation.evaluator import Evaluator
 from model import build_model
+from processor import ccd  # noqa: F401 - registers RDE's sample selection
+from processor.components import check_unused_options
 from processor.trainer import Trainer
 from utils import distributed as dist_utils
 from utils.checkpoint import read_checkpoint, remove_partial_checkpoints
 from utils.config import Config, build_config, config_from_values, save_config
 from utils.env import resolve_device, seed_everything
 from utils.errors import UserError
-from utils.files import check_output_dir
+from utils.files import check_output_dir, write_atomic
 from utils.logger import attach_log_file, setup_logger
 from utils.plugins import changed_plugins
 from utils.provenance import code_and_data
@@ -32,6 +35,8 @@ from utils.runlock import RunLock
 from utils.schema import resume_differences
 
 logger = logging.getLogger("php")
+# The permutation a noisy run applied to its training pairs' captions (datasets/noise.py; RDE's .npy format).
+NOISY_PAIRS = "noisy_pairs.npy"
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ def check_plugins(cfg: Config, ckpt: dict, path: str) -> None:
 
 
 def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_dir: str):
-    """The data set, the model and the Trainer of the run, every check included; nothing is written."""
+    """(the Trainer of the run, the noisy pairs it made or None): data set, noise, model; nothing is written."""
     if cfg.val_dataset == "test" and rank == 0:
         logger.warning("model selection uses the TEST split (val_dataset: test); reported test numbers are then "
                        "optimistic")
@@ -137,6 +142,10 @@ def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_di
         logger.info("%s:\n%s", cfg.dataset_name, dataset.summary())
     split = dataset.split(cfg.val_dataset, hint="set --val_holdout_ids N to hold out N training identities for "
                                                 "validation (or --val_dataset test, not recommended)")
+    noisy = apply_noise(dataset, cfg.noisy_rate, cfg.seed, cfg.noisy_file)
+    if noisy is not None and rank == 0:
+        logger.info("noisy correspondence (%s): %d of %d training pairs carry another pair's caption", noisy.source,
+                    int((~noisy.clean).sum()), len(noisy.clean))
     model = build_model(cfg, dataset.num_classes).to(device)
     if cfg.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
@@ -151,7 +160,9 @@ def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_di
     evaluator = Evaluator(*build_eval_loaders(cfg, split), precision=cfg.precision)
     # Once per process: the code and data this process trains with (history.json records them per epoch).
     provenance = code_and_data(dataset.annotation_file, cfg.custom_imports) if rank == 0 else None
-    return Trainer(cfg, model, train_loader, evaluator, run_dir, device, rank, world_size, provenance)
+    trainer = Trainer(cfg, model, train_loader, evaluator, run_dir, device, rank, world_size, provenance,
+                      clean=None if noisy is None else noisy.clean)
+    return trainer, noisy
 
 
 def run_training(cfg: Config, rank: int, world_size: int, local_rank: int, config_file: str = "") -> TrainResult:
@@ -164,7 +175,8 @@ def run_training(cfg: Config, rank: int, world_size: int, local_rank: int, confi
         check_output_dir(run_dir)
         logger.info("run folder %s; device %s; precision %s; %d process(es)", run_dir, device, cfg.precision,
                     world_size)
-    trainer = _build(cfg, rank, world_size, device, run_dir)
+    unused = check_unused_options(cfg)
+    trainer, noisy = _build(cfg, rank, world_size, device, run_dir)
     if ckpt is not None and not trainer.restore(ckpt, resume_path):
         logger.info("%s already finished all %d epochs; nothing to do", run_dir, cfg.num_epoch)
         return TrainResult(run_dir, trainer.best_r1, trainer.best_epoch, finished_before=True)
@@ -180,7 +192,9 @@ def run_training(cfg: Config, rank: int, world_size: int, local_rank: int, confi
                                ", ".join(partial))
             # The saved config starts a run, so it does not carry this invocation's resume request.
             save_config(cfg.copy(resume=False, resume_ckpt_file="", overwrite=False, allow_changed_plugins=False),
-                        os.path.join(run_dir, "configs.yaml"))
+                        os.path.join(run_dir, "configs.yaml"), leave_out=unused)
+            if noisy is not None:
+                write_atomic(os.path.join(run_dir, NOISY_PAIRS), noisy.to_bytes(), what="the noisy pairs")
             attach_log_file(logger, os.path.join(run_dir, "train_log.txt"))
         result = trainer.fit()
     if rank == 0:

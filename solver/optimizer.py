@@ -20,7 +20,7 @@ Parameters with the same (lr, weight decay) share one group; each group carries 
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from prettytable import PrettyTable
@@ -33,12 +33,13 @@ logger = logging.getLogger("php")
 BACKBONE = "backbone"
 
 
-def _kind_rule(kind: str, is_bias: bool, cfg: Config) -> Tuple[float, float, str]:
+def _kind_rule(kind: str, is_bias: bool, cfg: Config, bias_factor: Optional[float] = None) -> Tuple[float, float, str]:
     if kind == "head_factor":
         return (cfg.lr * cfg.lr_factor, cfg.weight_decay_bias if is_bias else cfg.weight_decay,
                 "lr_factor_bias" if is_bias else "lr_factor")
     if is_bias:
-        return cfg.lr * cfg.bias_lr_factor, cfg.weight_decay_bias, "bias"
+        factor = cfg.bias_lr_factor if bias_factor is None else bias_factor
+        return cfg.lr * factor, cfg.weight_decay_bias, "bias"
     if kind == "factor":
         return cfg.lr * cfg.lr_factor, cfg.weight_decay, "lr_factor"
     return cfg.lr, cfg.weight_decay, "base"
@@ -55,11 +56,18 @@ def _lr_decay_label(name: str, cfg: Config) -> Tuple[float, float, str]:
     if spec is None or spec.lr_factor is None:
         lr, decay, _ = _kind_rule("base", is_bias, cfg)
         return lr, decay, "unclaimed"
-    lr, decay, label = _kind_rule(spec.lr_kind(local), is_bias, cfg)
-    factor = getattr(cfg, spec.lr_factor) if isinstance(spec.lr_factor, str) else float(spec.lr_factor)
+    lr, decay, label = _kind_rule(spec.lr_kind(local), is_bias, cfg, _number(spec.bias_lr_factor, cfg))
+    factor = _number(spec.lr_factor, cfg)
     if isinstance(spec.lr_factor, str):
         label = f"{owner}_bias" if label == "bias" else owner
     return lr * factor, decay, label
+
+
+def _number(value, cfg: Config) -> Optional[float]:
+    """A head's factor: the option it names, the number it is, or None."""
+    if value is None:
+        return None
+    return float(getattr(cfg, value)) if isinstance(value, str) else float(value)
 
 
 def param_lr_and_decay(name: str, cfg: Config) -> Tuple[float, float]:

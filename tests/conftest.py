@@ -62,16 +62,17 @@ def run_copy(smoke_run, tmp_path):
 
 @pytest.fixture()
 def encode_calls(monkeypatch):
-    """Counts the images passed to RetrievalModel.encode_image."""
+    """Counts the images the model embeds (RetrievalModel.embed, which every scoring path calls)."""
     from model.retrieval_model import RetrievalModel
     calls = {"images": 0}
-    original = RetrievalModel.encode_image
+    original = RetrievalModel.embed
 
-    def counting(self, images):
-        calls["images"] += images.shape[0]
-        return original(self, images)
+    def counting(self, modality, inputs):
+        if modality == "image":
+            calls["images"] += inputs.shape[0]
+        return original(self, modality, inputs)
 
-    monkeypatch.setattr(RetrievalModel, "encode_image", counting)
+    monkeypatch.setattr(RetrievalModel, "embed", counting)
     return calls
 
 

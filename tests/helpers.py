@@ -198,7 +198,7 @@ REQUIREMENTS = os.path.join(ROOT, "requirements.txt")
 NOT_CODE = {"data", "logs", "pretrained", "benchmark_out"}
 
 # Import name -> distribution name, where the two differ.
-DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "open_clip": "open_clip_torch"}
+DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "open_clip": "open_clip_torch", "sklearn": "scikit-learn"}
 # Modules of one distribution that import another one it does not depend on.
 NEEDS_MORE = {"torch.utils.tensorboard": "tensorboard"}
 

@@ -71,7 +71,7 @@ def test_discovers_every_run_and_reports_failures(discovered, demo_root):
     assert code == 1  # the broken run and the missing data set
     metrics = ["R1", "R5", "R10", "mAP", "mINP"]
     assert header == ["run", "dataset", "compat", *metrics, "n", *(f"{k}_{s}" for k in metrics for s in ("mean", "std")),
-                      "commit", "checkpoint", "tested", "note"]
+                      "noise", "commit", "checkpoint", "tested", "note"]
     assert [(r["run"], r["compat"]) for r in rows] == [
         (PHP, "php_v1"), (PHP, "none"), (BROKEN, "auto"), (SMOKE, "none"), (IRRA, "none"), (MISSING, "auto")]
     by_run = {(r["run"], r["compat"]): r for r in rows}

@@ -61,7 +61,7 @@ def flip_bits(path, feats):
 
 
 @pytest.mark.parametrize("edit, reason", [
-    pytest.param(other_width, "expected [80, {width}] (the gallery's 80 images x the model's embedding width "
+    pytest.param(other_width, "expected [80, {width}] (the gallery's 80 images x the model's feature width "
                  "{width})", id="other-width"),
     pytest.param(float64, "its features are float64, expected float32", id="float64"),
     pytest.param(nan_row, "{width} of its feature values are NaN or infinite", id="nan"),

@@ -160,13 +160,16 @@ def test_train_loader_end_to_end(tmp_path):
     batches = list(loader)
     assert len(batches) == len(loader) == 4  # 16 pairs, batch 4
     b = batches[0]
-    assert set(b) == {"pids", "image_ids", "images", "caption_ids", "mlm_ids", "mlm_labels"}
+    assert set(b) == {"pids", "image_ids", "indices", "images", "caption_ids", "mlm_ids", "mlm_labels"}
     assert b["images"].shape == (4, 3, 32, 16) and b["images"].dtype == torch.float32
     assert b["caption_ids"].shape == (4, 16) and b["caption_ids"].dtype == torch.long
     chosen = b["mlm_labels"] != 0
     assert chosen.any(dim=1).all() and b["mlm_labels"][chosen].equal(b["caption_ids"][chosen])
     assert (b["mlm_ids"] == MASK_ID).any()
     assert sorted(torch.cat([x["image_ids"] for x in batches]).tolist()) == sorted(p[1] for p in ds.train)
+    # Every item carries its index in the training set: the one that gives its pair.
+    for x in batches:
+        assert [ds.train[i][1] for i in x["indices"].tolist()] == x["image_ids"].tolist()
     plain = build_train_loader(small_cfg(loss_names="sdm+itc", sampler="identity", num_instance=2), ds)
     b = next(iter(plain))
     assert "mlm_ids" not in b and Counter(b["pids"].tolist()).most_common(1)[0][1] == 2

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import typing
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -217,12 +217,18 @@ def _rule_mlm_rates(get, source):
                         f"({get('masked_token_unchanged_rate')}) must sum to at most 1")
 
 
+def _rule_noisy_rate(get, source):
+    if get("noisy_rate") >= 1:
+        raise UserError(f"{source}: option 'noisy_rate' is the share of training pairs made noisy: below 1; got "
+                        f"{get('noisy_rate')}")
+
+
 # Checks that involve several options: each applies to a set of values that holds all of its keys.
 RULES = [
     (("loss_names",), _rule_loss_names), (("img_size",), _rule_img_size), (("topk", "num_experts"), _rule_topk),
     (("alpha", "beta"), _rule_betas), (("sampler", "batch_size", "num_instance"), _rule_identity_batch),
     (("lrscheduler", "warmup_epochs", "num_epoch"), _rule_warmup), (("milestones",), _rule_milestones),
-    (("masked_token_rate", "masked_token_unchanged_rate"), _rule_mlm_rates),
+    (("masked_token_rate", "masked_token_unchanged_rate"), _rule_mlm_rates), (("noisy_rate",), _rule_noisy_rate),
 ]
 
 
@@ -306,10 +312,11 @@ def build_config(config_file: Optional[str] = None, overrides: Optional[Dict[str
     return config_from_values(values, config_file or "config", overrides, config_file, check)
 
 
-def save_config(cfg: Config, path: str) -> None:
-    """Write the resolved config as plain YAML (no tags), atomically, creating its folder if needed."""
-    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=True, default_flow_style=None), what="config",
-                 make_folder=True)
+def save_config(cfg: Config, path: str, leave_out: Sequence[str] = ()) -> None:
+    """Write the resolved config as plain YAML (no tags), atomically, creating its folder if needed; without the
+    options of `leave_out` (those of components the run does not use)."""
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(leave_out), sort_keys=True, default_flow_style=None),
+                 what="config", make_folder=True)
 
 
 def _type_name(hint: Any) -> str:

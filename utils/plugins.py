@@ -26,6 +26,8 @@ from utils.schema import Option, register_options
 _importing: List[str] = []
 # entry (absolute file path or module name) -> the plug-in options it declared
 _DECLARED: Dict[str, List[str]] = {}
+# (kind, name) of every registered component (head, loss, data set, ...) -> the options it declared
+COMPONENT_OPTIONS: Dict[Tuple[str, str], List[str]] = {}
 
 
 def declare(registry: Dict[str, Any], kind: str, name: str, module: str, options: Sequence[Option]) -> str:
@@ -37,11 +39,21 @@ def declare(registry: Dict[str, Any], kind: str, name: str, module: str, options
     previous = registry.get(name)
     if previous is not None and previous.owner != owner:
         raise ValueError(f"{kind} {name!r} of {owner} is already registered by {previous.owner}")
-    names = register_options(options, owner)
+    builtin = not _importing and is_project_module(module)
+    names = register_options(options, owner, builtin=builtin)
+    COMPONENT_OPTIONS[(kind, name)] = list(names)
     if _importing:
         declared = _DECLARED.setdefault(_importing[-1], [])
         declared.extend(n for n in names if n not in declared)
     return owner
+
+
+PROJECT_PACKAGES = ("model", "datasets", "processor", "evaluation", "solver", "utils")
+
+
+def is_project_module(module: str) -> bool:
+    """Whether `module` is one of the project's own (its registrations are built-in components)."""
+    return module.split(".")[0] in PROJECT_PACKAGES
 
 
 def import_plugins(entries: Sequence[str], config_file: Optional[str] = None,

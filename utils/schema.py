@@ -113,6 +113,15 @@ class Config:
                                      "CUHK-PEDES); augmentation still runs per item. For when decoding limits "
                                      "the step, as on a 2-core CPU.")
     text_length: int = _opt(77, "Token context length.", positive=True)
+    caption_augment: str = _opt("none", "Augmentation of the training captions' tokens, by registered name: none, "
+                                        "rde (RDE's txt_aug: mask, replace or delete 20% of the words), or a "
+                                        "plug-in's (datasets/augment.py).")
+    noisy_rate: float = _opt(0.0, "Noisy correspondence (SPEC 12): give this share of the training pairs each "
+                                  "other's captions (a seeded permutation among them); 0 keeps the data as it is.",
+                             minimum=0)
+    noisy_file: str = _opt("", "A permutation of the training pairs to apply instead (RDE's noiseindex/<data "
+                               "set>_<rate>.npy, over the pairs in annotation order); empty: drawn from seed and "
+                               "noisy_rate.", path=True)
     sampler: str = _opt("random", "Training sampler.", ("random", "identity"))
     num_instance: int = _opt(4, "Images per identity in a batch of the identity sampler (K of P x K).", positive=True)
     batch_size: int = _opt(64, "Training batch size; with several processes see batch_size_scope.", positive=True)
@@ -154,6 +163,8 @@ class Config:
                                        "per modality.", ("shared", "per_modality"))
     heads: List[str] = _opt([], "Plug-in heads to add, by registered name (the built-in heads follow php_modules "
                                 "and loss_names).")
+    callbacks: List[str] = _opt([], "Plug-in per-epoch callbacks to run, by registered name (processor/callbacks.py; "
+                                    "the built-in ones follow loss_names).")
 
     # --- solver ------------------------------------------------------------------------------------------
     optimizer: str = _opt("Adam", "Optimizer.", ("Adam", "AdamW", "SGD"))
@@ -188,9 +199,13 @@ class Config:
         object.__setattr__(self, "_plugin_values", {})
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached for names that are not fields: a plug-in option this config was given.
+        # Only reached for names that are not fields: a plug-in option this config was given, or an option of a
+        # built-in component (RDE's, ...), which every config has.
         values = self.__dict__.get("_plugin_values", {})
         if name in values:
+            return values[name]
+        if name in BUILTIN_OPTIONS:
+            values[name] = copy.deepcopy(PLUGIN_OPTIONS[name].default)
             return values[name]
         raise AttributeError(f"config has no option {name!r}")
 
@@ -207,7 +222,10 @@ class Config:
 
     @property
     def plugin_options(self) -> List[str]:
-        return list(self.__dict__["_plugin_values"])
+        """The options beyond the schema's fields that this config has: those of the built-in components (heads,
+        losses, callbacks registered by the project itself), then those of its custom_imports."""
+        own = self.__dict__["_plugin_values"]
+        return [*BUILTIN_OPTIONS, *(name for name in own if name not in BUILTIN_OPTIONS)]
 
     @property
     def losses(self) -> List[str]:
@@ -217,10 +235,11 @@ class Config:
     def run_dir(self) -> str:
         return os.path.join(self.output_dir, self.dataset_name, self.name)
 
-    def to_dict(self) -> Dict[str, Any]:
-        values = {name: copy.deepcopy(getattr(self, name)) for name in CORE}
-        values.update(copy.deepcopy(self.__dict__["_plugin_values"]))
-        return values
+    def to_dict(self, leave_out: Iterable[str] = ()) -> Dict[str, Any]:
+        """Every option and its value, but those of `leave_out` (the options of components a run does not use)."""
+        skip = set(leave_out)
+        return {name: copy.deepcopy(getattr(self, name)) for name in [*CORE, *self.plugin_options]
+                if name not in skip}
 
     def copy(self, **changes: Any) -> "Config":
         """A copy with `changes` applied (plug-in options included; dataclasses.replace would drop them)."""
@@ -237,6 +256,9 @@ CORE: Dict[str, Option] = {
                    f.metadata["positive"], aliases=f.metadata["aliases"], path=f.metadata["path"])
     for f in dataclasses.fields(Config)}
 PLUGIN_OPTIONS: Dict[str, Option] = {}
+# The options that the project's own components declare through the registries (as plug-ins do): every config
+# has them; a run's configs.yaml holds those of the components it uses.
+BUILTIN_OPTIONS: List[str] = []
 
 # Options of earlier versions and of the reference codebases that mean nothing here. A config file that holds
 # them (a published run's, or one this project wrote before they were retired) is read without them, and the
@@ -276,9 +298,10 @@ def option(name: str) -> Optional[Option]:
     return CORE.get(name) or PLUGIN_OPTIONS.get(name)
 
 
-def register_options(options: Sequence[Option], owner: str) -> List[str]:
-    """Add a plug-in's options to the schema; returns their names. A name taken by this project or by another
-    plug-in is a ValueError (a programming error in the plug-in, reported when it is imported)."""
+def register_options(options: Sequence[Option], owner: str, builtin: bool = False) -> List[str]:
+    """Add a plug-in's options (or, `builtin`, a built-in component's) to the schema; returns their names. A name
+    taken by this project or by another plug-in is a ValueError (a programming error in the plug-in, reported
+    when it is imported)."""
     names = []
     for opt in options:
         taken = CORE.get(opt.name) or PLUGIN_OPTIONS.get(opt.name)
@@ -292,6 +315,8 @@ def register_options(options: Sequence[Option], owner: str) -> List[str]:
                              f"but its default {short_repr(opt.default)} is not one")
         PLUGIN_OPTIONS[opt.name] = dataclasses.replace(opt, owner=owner,
                                                        choices=tuple(opt.choices) if opt.choices else None)
+        if builtin and opt.name not in BUILTIN_OPTIONS:
+            BUILTIN_OPTIONS.append(opt.name)
         names.append(opt.name)
     return names
 
