@@ -6,7 +6,7 @@ format, and a change to how a model is run for evaluation is made here once.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Mapping, Optional
 
 import torch
 from tqdm import tqdm

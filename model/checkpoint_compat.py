@@ -106,7 +106,10 @@ def compat_of(batch_dependent: bool) -> str:
 def translate_published_config(raw: Dict[str, Any], layout: str, source: str) -> Dict[str, Any]:
     """Config values of a published run, in this project's meaning (SPEC 8, 11). The reference's options that
     mean nothing here are dropped, and the log lists them (utils.config.drop_retired)."""
-    values, _ = drop_retired(dict(raw), f"{source} (published {layout} run)")
+    values = dict(raw)
+    if layout == RDE:
+        values.update(translate_rde_config(values))  # before its retired txt_aug is dropped
+    values, _ = drop_retired(values, f"{source} (published {layout} run)")
     # A published run's output_dir is its own folder and resume flags are those of its training: not ours.
     for key in ("output_dir", "resume", "resume_ckpt_file"):
         values.pop(key, None)
@@ -119,8 +122,6 @@ def translate_published_config(raw: Dict[str, Any], layout: str, source: str) ->
             values["mlm_loss_weight"] = 0.5 * float(values["mlm_loss_weight"])
     elif layout == IRRA:
         values["php_modules"] = "none"
-    elif layout == RDE:
-        values.update(translate_rde_config(values))
     return values
 
 
@@ -134,7 +135,7 @@ def translate_rde_config(values: Dict[str, Any]) -> Dict[str, Any]:
         raise UserError(f"a published RDE run with loss_names {values.get('loss_names')!r}: only TAL runs are "
                         f"supported (SPEC 12)")
     return {"loss_names": "tal", "php_modules": "none",
-            "caption_augment": "rde" if values.pop("txt_aug", False) else "none",
+            "caption_augment": "rde" if values.get("txt_aug", False) else "none",
             "noisy_file": ""}
 
 

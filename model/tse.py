@@ -53,7 +53,7 @@ class ImageSelection(nn.Module):
         self.mlp = TokenMLP(dim, width // 2, width)
 
     def forward(self, tokens: torch.Tensor, attention: torch.Tensor, ratio: float) -> torch.Tensor:
-        k = int((attention.shape[1] - 1) * ratio)
+        k = max(1, int((attention.shape[1] - 1) * ratio))
         scores = attention[:, 0].clone()
         scores[:, 0] = -1.0  # the CLS token itself
         chosen = scores.topk(k, dim=-1).indices
@@ -69,7 +69,7 @@ class TextSelection(nn.Module):
 
     def forward(self, tokens: torch.Tensor, attention: torch.Tensor, ids: torch.Tensor, ratio: float) -> torch.Tensor:
         b, length = ids.shape
-        k = int((length - 2) * ratio)
+        k = max(1, int((length - 2) * ratio))
         rows = torch.arange(b, device=ids.device)
         eos = ids.argmax(dim=-1)
         scores = attention[rows, eos].clone()
@@ -95,6 +95,9 @@ class TSEHead(Head):
         self.similarity_mode = similarity
         self.image = ImageSelection(dim, self.width)
         self.text = TextSelection(dim, self.width)
+        # In the reference's state dict but never used: frozen, so no optimizer (nor DDP) waits for their gradient.
+        for unused in (self.image.linear, self.image.mlp.bns[1], self.text.mlp.bns[1]):
+            unused.requires_grad_(False)
 
     def embeddings(self, tower: Tower) -> Dict[str, torch.Tensor]:
         if tower.attention is None:

@@ -4,6 +4,7 @@ The identity sampler's sharding (whole P x K groups per rank, a different reprod
 tested in tests/test_loaders.py.
 """
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -134,3 +135,33 @@ def test_torchrun_smoke_run_then_resume(demo_root, tmp_path):
     assert "resumed from" in log and log.count("validation after epoch") == 2
     assert len(glob.glob(os.path.join(run_dir, "tensorboard", "events.*"))) == 2
     assert not [n for n in os.listdir(run_dir) if n.startswith(".") or n.endswith(".tmp")]
+
+
+PROBE = """
+import hashlib, os
+from processor.callbacks import EpochCallback, register_callback
+
+@register_callback("probe")
+class Probe(EpochCallback):
+    def on_epoch_start(self, ctx):
+        weights = ctx._runner.weights["ccd"].cpu().numpy().tobytes()
+        path = os.path.join(self.cfg.output_dir, f"rank{ctx.rank}_epoch{ctx.epoch}.txt")
+        with open(path, "w") as f:
+            f.write(hashlib.sha256(weights).hexdigest())
+"""
+
+
+def test_torchrun_processes_take_the_same_selection(demo_root, tmp_path):
+    """RDE's selection under two processes: each scores its share, the scores are gathered, and both processes
+    hold the same sample weights before every epoch."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    out = str(tmp_path / "logs")
+    done = torchrun("train.py", "--config_file", SMOKE_CONFIG, "--root_dir", demo_root, "--output_dir", out,
+                    "--warmup_epochs", "0", "--num_epoch", "2", "--loss_names", "tal", "--noisy_rate", "0.5",
+                    "--custom_imports", str(tmp_path / "probe.py"), "--callbacks", "probe")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for epoch in (1, 2):
+        hashes = {open(os.path.join(out, f"rank{r}_epoch{epoch}.txt")).read() for r in (0, 1)}
+        assert len(hashes) == 1, epoch
+    history = json.load(open(os.path.join(out, "Demo-PEDES", "smoke", "history.json")))
+    assert [set(h["callbacks"]) for h in history] == [{"ccd"}, {"ccd"}]

@@ -15,7 +15,8 @@ from helpers import ROOT
 pytestmark = pytest.mark.slow
 
 DOC = os.path.join(ROOT, "docs", "extending.md")
-SECTIONS = {"loss": "A new loss", "head": "A new head", "dataset": "A new data set"}
+SECTIONS = {"loss": "A new loss", "head": "A new head", "dataset": "A new data set",
+            "callback": "A per-epoch sample weighting"}
 
 
 def section_blocks(title):
@@ -94,7 +95,19 @@ def test_the_dataset_example_trains(project_copy):
     assert any(key.startswith("php.") for key in ckpt["model"])
 
 
+def test_the_callback_example_trains(project_copy):
+    run_example("callback", project_copy)
+    run, config, ckpt = read_run(project_copy, "Demo-PEDES", "smoke_small_loss")
+    assert config["callbacks"] == ["small_loss"] and config["small_loss_drop"] == 0.2
+    history = json.load(open(run / "history.json"))
+    kept = [h["callbacks"]["small_loss"]["kept"] for h in history]
+    assert len(kept) == 2 and all(0.75 < k < 0.85 for k in kept)
+    # The weights are in the checkpoint: a resume goes on with them.
+    weights = ckpt["callbacks"]["weights"]["small_loss"]
+    assert weights.shape == (480,) and abs(float(weights.mean()) - kept[-1]) < 1e-6
+
+
 def test_examples_run_where_the_project_is_unchanged():
     """The examples write their plug-ins into a copy; the repository holds none of them."""
-    for name in ("my_loss.py", "my_head.py", "my_dataset.py"):
+    for name in ("my_loss.py", "my_head.py", "my_dataset.py", "my_weights.py"):
         assert not os.path.exists(os.path.join(ROOT, name))

@@ -360,3 +360,45 @@ def test_check_dataset_checks_a_custom_set(tiny_root, tmp_path, capsys):
     assert code == 0 and "all checks passed" in out
     code, out = check("--decode")
     assert code == 1 and "1 problem(s)" in out and f"cannot read image {tmp_path / 'notes.txt'}" in out
+
+
+# ------------------------------------------------------------------------------------ sh run.sh test on any data
+PLUGIN_DATA = """
+import csv, os
+from datasets import Annotations, register_dataset
+from utils.schema import Option
+
+@register_dataset("plugdata", options=[Option("plugdata_file", str, "", "A CSV list.", path=True)])
+def plugdata(cfg):
+    with open(cfg.plugdata_file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    entries = {}
+    for r in rows:
+        entries.setdefault(r["file_path"], {"file_path": r["file_path"], "id": int(r["id"]), "split": r["split"],
+                                            "captions": []})["captions"].append(r["caption"])
+    return Annotations(list(entries.values()), image_dir=os.path.dirname(cfg.plugdata_file), source=cfg.plugdata_file)
+"""
+
+
+@pytest.mark.parametrize("kind", ["custom", "plugin"])
+def test_run_sh_test_evaluates_runs_on_their_own_data(tiny_root, tmp_path, capsys, monkeypatch, kind):
+    """A run trained on `dataset_name: custom` or a plug-in's data set is evaluated with its own data options
+    and plug-ins, by `sh run.sh test` as by test.py."""
+    rows = demo_rows(tiny_root, prefix=f"{tiny_root}/Demo-PEDES/imgs/")
+    path = write_csv(tmp_path / "data.csv", rows)
+    extra = ["--dataset_name", "custom", "--annotation_file", path]
+    if kind == "plugin":
+        (tmp_path / "plugdata.py").write_text(PLUGIN_DATA)
+        extra = ["--custom_imports", str(tmp_path / "plugdata.py"), "--dataset_name", "plugdata", "--plugdata_file",
+                 path]
+    work = tmp_path / "work"
+    code, err = run_entry(train.main, train_argv(tiny_root, str(work / "logs"), *extra, "--num_epoch", "1",
+                                                 "--warmup_epochs", "0"), capsys)
+    assert code == 0, err
+    assert run_tool([], str(work), monkeypatch) == 0
+    with open(work / "logs" / "summary.csv", newline="") as f:
+        [entry] = list(csv.DictReader(f))
+    run = work / "logs" / ("custom" if kind == "custom" else "plugdata") / "smoke"
+    code, _ = run_entry(test_entry.main, ["--config_file", str(run / "configs.yaml")], capsys)
+    tested = json.loads((run / "test_results.json").read_text())["t2i"]
+    assert float(entry["R1"]) == pytest.approx(tested["R1"], abs=1e-3)

@@ -273,6 +273,7 @@ RETIRED = {
     "world_size": "set by torchrun (recorded in the checkpoint)",
     "local_rank": "set by torchrun",
     "compat": "how a run is loaded, not how it was trained: --compat of test.py, retrieve.py and sh run.sh test/serve",
+    "txt_aug": "RDE's caption augmentation is caption_augment: rde",
 }
 
 
