@@ -23,7 +23,8 @@ reports medians over rounds (fairer ratios on a noisy, shared machine). The firs
 model FLOPs of one forward + backward (torch.utils.flop_counter), so the achieved TFLOP/s is printed per mode.
 
 The JSON maps each mode to {"samples_per_s", "peak_mem_gb"} (null with a "note" when a mode failed or is
-unsupported on the device), plus per-run details and a "_meta" entry (device, sizes, FLOPs per sample).
+unsupported on the device), plus per-run details and a "_meta" entry (device, the CPU model and its bf16 / fp16
+flags, sizes, FLOPs per sample).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from model import build_model
 from model.backbone import ARCHITECTURES, build_clip
+from processor.precision import cpu_description, describe_cpu
 from processor.synthetic import synthetic_batch
 from processor.trainer import Trainer
 from utils.config import build_config
@@ -239,8 +241,8 @@ def print_table(summary: Dict[str, dict], meta: dict) -> None:
 def device_name(device: str, threads: int) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    import platform
-    return f"CPU {platform.processor() or platform.machine()}, {threads or torch.get_num_threads()} threads"
+    # The flags decide what bf16 can gain on a CPU (AVX-512 BF16, AMX), so every figure carries them.
+    return f"CPU {describe_cpu()}, {threads or torch.get_num_threads()} threads"
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -290,6 +292,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     runs: Dict[str, List[dict]] = {m: [] for m in args.mode_list}
     flops = None
+    device = device_name(args.device, args.threads)
+    print(f"device {device}", flush=True)
     for round_index in range(args.rounds):
         for mode in args.mode_list:
             compile_precision = args.compile_precision or "bf16"
@@ -304,8 +308,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             runs[mode].append(record)
             rate = record.get("samples_per_s")
             shown = f"{rate:.3f} samples/s, peak {record['peak_mem_gb']:.2f} GB" if rate else record.get("note")
-            print(f"round {round_index + 1}/{args.rounds} {mode}: {shown}", flush=True)
-    meta = {"device": args.device, "device_name": device_name(args.device, args.threads),
+            print(f"round {round_index + 1}/{args.rounds} {mode}: {shown} ({device})", flush=True)
+    meta = {"device": args.device, "device_name": device, "cpu": cpu_description(),
             "batch_size": args.batch_size,
             "arch": args.arch, "img_size": args.img_size, "text_length": args.text_length, "steps": args.steps,
             "repeats": args.repeats, "rounds": args.rounds, "warmup": args.warmup, "config": args.config,

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from evaluation.scoring import retrieval_features
 from model.similarity import raw_embeddings
-from utils.env import PRECISIONS, autocast
+from utils.env import PRECISIONS, autocast, runtime_precision
 from utils.errors import UserError
 
 # Per input kind: the batch key holding the model's input, the encoder method, and the name used in messages.
@@ -21,9 +21,11 @@ _KINDS = {"image": ("images", "encode_image", "images"), "text": ("caption_ids",
 
 
 def check_precision(precision: str) -> str:
-    """`precision` if it is one the encoders can run in; otherwise a UserError naming it."""
+    """The precision the encoders run in for `precision` ('auto', which a trained run never records, is fp32: see
+    utils.env.runtime_precision); a UserError naming any other value."""
+    precision = runtime_precision(precision)
     if precision not in PRECISIONS:
-        raise UserError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise UserError(f"precision: expected one of {', '.join(PRECISIONS)} or auto, got {precision!r}")
     return precision
 
 
@@ -96,7 +98,7 @@ def embed_loaders(model: torch.nn.Module, images: Optional[Iterable] = None, tex
     called first, so expert-usage counts cover exactly this call. A malformed batch, an encoder output that does
     not fit its batch, or an empty loader is a UserError naming the loader.
     """
-    check_precision(precision)
+    precision = check_precision(precision)
     device = model_device(model)
     modes = [(module, module.training) for module in model.modules()]
     model.eval()

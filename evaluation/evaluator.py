@@ -25,10 +25,9 @@ class Evaluator:
 
     def __init__(self, img_loader: Iterable, txt_loader: Iterable, precision: str = "fp32",
                  logger: Optional[logging.Logger] = None, desc: str = "eval"):
-        check_precision(precision)
         self.img_loader = img_loader
         self.txt_loader = txt_loader
-        self.precision = precision
+        self.precision = check_precision(precision)
         self.logger = logger
         self.desc = desc
 

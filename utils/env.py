@@ -23,10 +23,17 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
+def runtime_precision(precision: str) -> str:
+    """What `precision` computes in: itself, and fp32 for 'auto'. Training resolves 'auto' before its first step
+    and records the choice (processor/precision.py), so only a config that never trained says 'auto' here (a
+    preset given to test.py, say); fp32 is exact, so its numbers differ from the run's own by rounding at most."""
+    return "fp32" if precision == "auto" else precision
+
+
 def autocast(device: torch.device, precision: str):
-    """Autocast context for `precision`; fp32 runs without one. (The CPU attention path that makes bf16 pay off
-    there is in model/attention.py.)"""
-    dtype = PRECISIONS[precision]
+    """Autocast context for `precision`; fp32 (and so 'auto', see runtime_precision) runs without one. (The CPU
+    attention path that makes bf16 pay off there is in model/attention.py.)"""
+    dtype = PRECISIONS[runtime_precision(precision)]
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
