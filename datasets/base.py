@@ -66,6 +66,8 @@ class Entry:
     rel_path: str
     captions: Tuple[str, ...]
     split: str
+    # Each caption's back-translation (TBPS-CLIP's `captions_bt`), when the annotation has them.
+    captions_bt: Optional[Tuple[str, ...]] = None
 
 
 def empty_split() -> Dict[str, list]:
@@ -91,6 +93,8 @@ class PedesDataset:
         self.test = test
         self.train_id_map = train_id_map
         self.num_classes = len(train_id_map)
+        # Each training pair's back-translated caption (None where it has none); None when no entry has one.
+        self.train_bt: Optional[List[Optional[str]]] = None
 
     def split(self, name: str, hint: str = "") -> Dict[str, list]:
         """The evaluation split `name` ('val' or 'test'); one that holds no caption is a UserError (with `hint`)."""
@@ -168,8 +172,20 @@ def parse_entries(data: list, path: str, fmt) -> List[Entry]:
                 or type(captions) is not list or split not in splits \
                 or not all(type(c) is str and c and not c.isspace() for c in captions) or not _is_text(captions):
             _raise_value_error(pid, rel, captions, split, f"{path}: entry {i} (counting from 0)", fmt)
-        entries.append(Entry(pid, rel, tuple(captions), split))
+        entries.append(Entry(pid, rel, tuple(captions), split, _back_translations(item, captions, path, i)))
     return entries
+
+
+def _back_translations(item: dict, captions: list, path: str, i: int) -> Optional[Tuple[str, ...]]:
+    """The entry's `captions_bt`, one text per caption, or None when it has none."""
+    bt = item.get("captions_bt") if isinstance(item, dict) else None
+    if bt is None:
+        return None
+    if type(bt) is not list or len(bt) != len(captions) or not all(type(c) is str for c in bt) or not _is_text(bt):
+        got = f"a list of {len(bt)}" if type(bt) is list and all(type(c) is str for c in bt) else _describe_list(bt)
+        raise UserError(f"{path}: entry {i} (counting from 0): 'captions_bt' must be a list of {len(captions)} "
+                        f"string(s), one back-translation per caption, got {got}")
+    return tuple(bt)
 
 
 def _is_text(captions: List[str]) -> bool:
@@ -282,9 +298,11 @@ def build_splits(name: str, dataset_dir: str, entries: Sequence[Entry], val_hold
     train_ids = sorted({e.pid for e in by_split["train"]})
     label = {pid: i for i, pid in enumerate(train_ids)}
     train: List[TrainPair] = []
+    train_bt: List[Optional[str]] = []
     for image_id, e in enumerate(by_split["train"]):
         path = os.path.join(img_dir, e.rel_path)
         train.extend((label[e.pid], image_id, path, c) for c in e.captions)
+        train_bt.extend(e.captions_bt or [None] * len(e.captions))
 
     def eval_split(items: List[Entry]) -> Dict[str, list]:
         d = empty_split()
@@ -296,8 +314,10 @@ def build_splits(name: str, dataset_dir: str, entries: Sequence[Entry], val_hold
             d["caption_img_index"].extend([len(d["img_paths"]) - 1] * len(e.captions))
         return d
 
-    return PedesDataset(name, dataset_dir, train, eval_split(by_split["val"]), eval_split(by_split["test"]),
-                        dict(enumerate(train_ids)))
+    dataset = PedesDataset(name, dataset_dir, train, eval_split(by_split["val"]), eval_split(by_split["test"]),
+                           dict(enumerate(train_ids)))
+    dataset.train_bt = train_bt if any(bt is not None for bt in train_bt) else None
+    return dataset
 
 
 def _hold_out(train: List[Entry], val: List[Entry], n: int, source: str) -> Tuple[List[Entry], List[Entry]]:

@@ -86,17 +86,22 @@ class PreloadedImages:
 
 class ImageTextDataset(Dataset):
     """Training pairs `(pid, image_id, img_path, caption)` -> dict of `pids`, `image_ids`, `indices` (the pair's
-    position in the training set), `images`, `caption_ids` (through `augment_caption`, a caption augmentation of
-    datasets/augment.py, when given) and, with `mlm`, `mlm_ids` and `mlm_labels` (SPEC 3).
+    position in the training set), `images`, `caption_ids` and, with `mlm`, `mlm_ids` and `mlm_labels` (SPEC 3);
+    with `views` ({name: transform}, what the losses ask for), `view_<name>` for each.
 
-    Images are read from disk, or taken from `images` (PreloadedImages) when given; `transform` applies to what
-    either gives (a PIL image, or the preloaded tensor).
+    Images are read from disk, or taken from `images` (PreloadedImages) when given; `transform` and the views
+    apply to what either gives (a PIL image, or the preloaded tensor). Captions pass through `augment_text` (a
+    text-stage augmentation of datasets/augment.py, given the pair's `captions_bt` when `back_translations` has
+    one) before tokenisation, and through `augment_caption` (a token-stage one) after it.
     """
 
     def __init__(self, pairs: Sequence[Tuple[int, int, str, str]], transform: Optional[Callable] = None,
                  text_length: int = 77, mlm: bool = False, mask_rate: float = 0.15, replace_mask: float = 0.8,
                  replace_random: float = 0.1, seed: int = 0, images: Optional[PreloadedImages] = None,
-                 augment_caption: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 augment_caption: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 augment_text: Optional[Callable[[str, Dict[str, str]], str]] = None,
+                 back_translations: Optional[Sequence[Optional[str]]] = None,
+                 views: Optional[Dict[str, Callable]] = None):
         self.pairs = pairs
         self.transform = transform
         self.images = images
@@ -107,6 +112,10 @@ class ImageTextDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.augment_caption = augment_caption
+        self.augment_text = augment_text
+        self.back_translations = back_translations
+        self.views = dict(views or {})
+        self.text_length = text_length
         self.caption_ids = _Captions([p[3] for p in pairs], text_length)
 
     def set_epoch(self, epoch: int) -> None:
@@ -116,14 +125,21 @@ class ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def _caption(self, index: int) -> torch.Tensor:
+        if self.augment_text is None:
+            return self.caption_ids[index]
+        bt = self.back_translations[index] if self.back_translations is not None else None
+        text = self.augment_text(self.pairs[index][3], {"captions_bt": bt} if bt else {})
+        return tokenize(text, self.text_length, truncate=True)[0]
+
     def __getitem__(self, index: int) -> Dict[str, object]:
         pid, image_id, img_path, _ = self.pairs[index]
         img = read_image(img_path) if self.images is None else self.images[img_path]
-        caption_ids = self.caption_ids[index]
         item: Dict[str, object] = {"pids": pid, "image_ids": image_id, "indices": index}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(item_seed(self.seed, self.epoch, index))
             item["images"] = self.transform(img) if self.transform is not None else img
+            caption_ids = self._caption(index)
             if self.augment_caption is not None:
                 caption_ids = self.augment_caption(caption_ids)
             item["caption_ids"] = caption_ids
@@ -131,6 +147,9 @@ class ImageTextDataset(Dataset):
                 item["mlm_ids"], item["mlm_labels"] = mask_tokens(
                     caption_ids, mask_rate=self.mask_rate, replace_mask=self.replace_mask,
                     replace_random=self.replace_random)
+            # Views come last, so that a run without them draws exactly what it drew before they existed.
+            for name, view in self.views.items():
+                item[f"view_{name}"] = view(img)
         return item
 
 

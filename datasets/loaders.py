@@ -5,13 +5,14 @@ import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from datasets.augment import caption_augment
 from datasets.base import PedesDataset
 from datasets.image_text import ImageDataset, ImageTextDataset, PreloadedImages, TextDataset, mlm_options
 from datasets.samplers import RandomIdentitySampler, ShuffleSampler
-from datasets.transforms import build_transforms, image_transforms
+from datasets.transforms import VIEWS, build_transforms, recipe
 from utils.errors import UserError
 
 logger = logging.getLogger("php.data")
@@ -41,8 +42,10 @@ def per_process_batch_size(cfg, world_size: int) -> int:
     return cfg.batch_size // world_size
 
 
-def build_train_loader(cfg, dataset: PedesDataset, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """The training DataLoader over `dataset.train` (augmented images, tokens, MLM inputs when 'mlm' is a loss).
+def build_train_loader(cfg, dataset: PedesDataset, rank: int = 0, world_size: int = 1,
+                       views: Sequence[str] = ()) -> DataLoader:
+    """The training DataLoader over `dataset.train` (augmented images, tokens, MLM inputs when 'mlm' is a loss,
+    and the extra image `views` the losses ask for, datasets/transforms.VIEWS).
 
     The sampler follows `cfg.sampler`; both it and the data set are seeded from `cfg.seed` and the epoch, which
     `set_loader_epoch` sets before each epoch (workers are not persistent, so it takes effect).
@@ -50,15 +53,23 @@ def build_train_loader(cfg, dataset: PedesDataset, rank: int = 0, world_size: in
     if not dataset.train:
         raise UserError(f"{dataset.name}: the train split is empty")
     batch_size = per_process_batch_size(cfg, world_size)
+    r = recipe(cfg.image_recipe, cfg.img_size, cfg.img_aug)
     images = None
     if cfg.cache_images:
-        load, transform = image_transforms(cfg.img_size, is_train=True, aug=cfg.img_aug)
-        images = PreloadedImages([p[2] for p in dataset.train], load)
+        images = PreloadedImages([p[2] for p in dataset.train], r.train_load)
         logger.info("cache_images: %d training images preloaded (%.1f MB)", len(images.index), images.nbytes / 2**20)
+        transform, view_of = r.train, (lambda fn: fn)
     else:
-        transform = build_transforms(cfg.img_size, is_train=True, aug=cfg.img_aug)
+        transform, view_of = T.Compose([r.train_load, r.train]), (lambda fn: T.Compose([r.train_load, fn]))
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise UserError(f"config: the losses ask for the image view(s) {', '.join(unknown)}, which no module "
+                        f"registered (registered: {', '.join(VIEWS)})")
+    text_fn, token_fn = caption_augment(cfg.caption_augment)
     train_set = ImageTextDataset(dataset.train, transform, cfg.text_length, mlm="mlm" in cfg.losses,
-                                 seed=cfg.seed, images=images, augment_caption=caption_augment(cfg.caption_augment),
+                                 seed=cfg.seed, images=images, augment_caption=token_fn, augment_text=text_fn,
+                                 back_translations=dataset.train_bt,
+                                 views={v: view_of(VIEWS[v](r)) for v in views},
                                  **mlm_options(cfg.masked_token_rate, cfg.masked_token_unchanged_rate))
     if cfg.sampler == "identity":
         sampler = RandomIdentitySampler([p[0] for p in dataset.train], batch_size, cfg.num_instance, cfg.seed,
@@ -107,10 +118,11 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
 
 
 def image_loader(img_paths: Sequence[str], img_size: Sequence[int], batch_size: int, num_workers: int = 0,
-                 pids: Optional[Sequence[int]] = None, order: Optional[Sequence[int]] = None) -> DataLoader:
-    """Evaluation images (eval transform) with their pids (0 when unknown)."""
+                 pids: Optional[Sequence[int]] = None, order: Optional[Sequence[int]] = None,
+                 image_recipe: str = "clip") -> DataLoader:
+    """Evaluation images (the recipe's eval transform) with their pids (0 when unknown)."""
     images = ImageDataset(list(pids) if pids is not None else [0] * len(img_paths), list(img_paths),
-                          build_transforms(img_size, is_train=False))
+                          build_transforms(img_size, is_train=False, image_recipe=image_recipe))
     return eval_loader(images, batch_size, num_workers, order)
 
 
@@ -122,7 +134,7 @@ def build_eval_loaders(cfg, split: Dict[str, list], batch_size: Optional[int] = 
     batch_size = batch_size or cfg.test_batch_size
     texts = TextDataset(split["caption_pids"], split["captions"], cfg.text_length)
     return (image_loader(split["img_paths"], cfg.img_size, batch_size, cfg.num_workers, split["image_pids"],
-                         orders[0]),
+                         orders[0], cfg.image_recipe),
             eval_loader(texts, batch_size, cfg.num_workers, orders[1]))
 
 

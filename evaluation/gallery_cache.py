@@ -125,9 +125,10 @@ def cache_path(cache_dir: str, checkpoint_path: str, gallery: Gallery, key: str)
 
 
 def embed_images(model: torch.nn.Module, paths: Sequence[str], img_size: Sequence[int], precision: str = "fp32",
-                 batch_size: int = 256, num_workers: int = 0) -> torch.Tensor:
-    """L2-normalised float32 CPU embeddings [N, D] of the images at `paths`, in order (eval transform)."""
-    loader = image_loader(paths, img_size, batch_size, num_workers)
+                 batch_size: int = 256, num_workers: int = 0, image_recipe: str = "clip") -> torch.Tensor:
+    """L2-normalised float32 CPU embeddings [N, D] of the images at `paths`, in order (the recipe's eval
+    transform)."""
+    loader = image_loader(paths, img_size, batch_size, num_workers, image_recipe=image_recipe)
     return embed_loaders(model, loader, precision=precision, desc="gallery")["image_feats"]
 
 
@@ -201,13 +202,13 @@ def gallery_embeddings(model: torch.nn.Module, gallery: Gallery, checkpoint_path
     file read or written, None if neither).
 
     `settings` holds whatever besides the checkpoint and the images changes the embeddings: `img_size`,
-    `precision`, `batch_size` (it matters in the batch-dependent compat mode) and `compat`; all go into the
-    key. `cache_dir=None` disables the cache; `num_workers` are the image loader's worker processes. A cache
+    `precision`, `batch_size` (it matters in the batch-dependent compat mode), `compat` and, when not the
+    default 'clip', `image_recipe`; all go into the key. `cache_dir=None` disables the cache; `num_workers` are the image loader's worker processes. A cache
     file is checked against `model.feature_dim`, the width of the retrieval features.
     """
     def embed() -> torch.Tensor:
         return embed_images(model, gallery.paths, settings["img_size"], settings["precision"],
-                            settings["batch_size"], num_workers)
+                            settings["batch_size"], num_workers, settings.get("image_recipe", "clip"))
 
     if cache_dir is None:
         return embed(), False, None

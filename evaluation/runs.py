@@ -29,9 +29,9 @@ from evaluation.search import shown_path
 from evaluation.testing import run_changes
 from evaluation.summary import METRICS, Row, csv_table, experiment_key, markdown_table, with_groups
 from model import load_model
-from model.checkpoint_compat import efp_attention_for
-from model.loading import CompatibilityWarning, LoadedRun
-from utils.config import Config, build_config, config_from_values
+from model.checkpoint_compat import TBPS, efp_attention_for, looks_like_tbps_config, translate_published_config
+from model.loading import RUN_FILES, CompatibilityWarning, LoadedRun
+from utils.config import Config, config_from_values, read_yaml
 from utils.env import resolve_device
 from utils.errors import UserError
 from utils.files import write_atomic
@@ -57,10 +57,11 @@ class EvaluationRequest:
 
 
 def discover_runs(logs_dir: str = LOGS) -> List[str]:
-    """Every folder under `logs_dir` (any depth) that holds both configs.yaml and best.pth, sorted."""
+    """Every folder under `logs_dir` (any depth) that holds a run: configs.yaml and best.pth, or TBPS-CLIP's
+    config.yaml and checkpoint_best.pth (model.loading.RUN_FILES); sorted."""
     found = []
     for folder, _, files in os.walk(logs_dir):
-        if "configs.yaml" in files and "best.pth" in files:
+        if any(config in files and checkpoint in files for config, checkpoint in RUN_FILES):
             found.append(os.path.normpath(folder))
     return sorted(found)
 
@@ -84,21 +85,27 @@ def run_label(run: str) -> str:
 
 
 def config_path(run: str) -> str:
-    """The configs.yaml of a run folder (a path to the YAML file itself is accepted too)."""
+    """The config of a run folder: its configs.yaml, or the config.yaml beside TBPS-CLIP's checkpoint_best.pth (a
+    path to the YAML file itself is accepted too)."""
     if is_config_file(run):
         return run
     if not os.path.isdir(run):
         raise UserError(f"run folder not found: {run}")
-    path = os.path.join(run, "configs.yaml")
-    if not os.path.isfile(path):
-        raise UserError(f"run folder {run} has no configs.yaml")
-    return path
+    for config, checkpoint in RUN_FILES:
+        if os.path.isfile(os.path.join(run, config)) and (config == "configs.yaml" or
+                                                          os.path.isfile(os.path.join(run, checkpoint))):
+            return os.path.join(run, config)
+    raise UserError(f"run folder {run} has no configs.yaml (nor TBPS-CLIP's config.yaml with checkpoint_best.pth)")
 
 
 def run_config(run: str, overrides: Dict[str, Any]) -> Config:
     """The run's options (its configs.yaml, its plug-ins imported, then `overrides`), read without its checkpoint:
     enough to find its data."""
-    return build_config(config_path(run), overrides, check=False)
+    path = config_path(run)
+    values = read_yaml(path)
+    if looks_like_tbps_config(values):  # TBPS-CLIP's nested config.yaml: its meaning here
+        values = translate_published_config(values, TBPS, path)
+    return config_from_values(values, path, overrides, path, check=False)
 
 
 def load_run(run: str, request: EvaluationRequest, device: str, compat: str) -> LoadedRun:

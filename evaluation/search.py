@@ -171,6 +171,8 @@ class Searcher:
             cfg = run.loaded.cfg
             settings = {"compat": run.loaded.compat, "img_size": list(cfg.img_size), "precision": cfg.precision,
                         "batch_size": cfg.test_batch_size}
+            if cfg.image_recipe != "clip":  # (likewise)
+                settings["image_recipe"] = cfg.image_recipe
             if run.loaded.model.similarity != DEFAULT:  # (the key of every cache written before it existed)
                 settings["similarity"] = [list(w) for w in run.loaded.model.similarity.weights]
             feats, cached, cache_file = gallery_embeddings(run.loaded.model, self.gallery,

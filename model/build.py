@@ -7,7 +7,7 @@ from open_clip.model import CLIP
 
 # The built-in heads and losses register themselves when imported; PHP first, so that the model's parameters
 # (and with them a saved optimizer state) keep their order: backbone, php, classifier, mlm.
-from model import php_head, irra_head, losses, tse, tal  # noqa: F401
+from model import php_head, irra_head, losses, tse, tal, tbps  # noqa: F401
 from model.backbone import build_backbone
 from model.registry import HEADS, LOSSES, HeadContext, loss_weight
 from model.retrieval_model import ActiveLoss, RetrievalModel
@@ -48,6 +48,7 @@ def build_model(cfg, num_classes: int = 0, backbone: Optional[CLIP] = None,
     if cfg.stride_size != patch:
         raise UserError(f"stride_size ({cfg.stride_size}) must equal the backbone's patch size ({patch}); "
                         f"overlapping patches are not supported")
+    configure_backbone(backbone, cfg)
     context = HeadContext(dim=backbone.text_projection.shape[1], num_classes=num_classes,
                           vocab_size=backbone.vocab_size)
     needed = {head for name in cfg.losses for head in LOSSES[name].needs} | set(with_heads)
@@ -55,3 +56,15 @@ def build_model(cfg, num_classes: int = 0, backbone: Optional[CLIP] = None,
     active = {name: ActiveLoss(spec, loss_weight(spec, cfg), cfg) for name, spec in LOSSES.items()
               if name in cfg.losses}
     return RetrievalModel(backbone, heads, active, cfg.temperature)
+
+
+def configure_backbone(backbone: CLIP, cfg) -> None:
+    """The backbone options of the config: dropout on the text blocks' attention probabilities (TBPS-CLIP's 0.05;
+    active in training mode only) and a frozen patch embedding."""
+    for block in backbone.transformer.resblocks:
+        if hasattr(block.attn, "attn_drop"):  # open_clip's custom blocks
+            block.attn.attn_drop.p = float(cfg.text_attn_dropout)
+        else:  # nn.MultiheadAttention (the default blocks)
+            block.attn.dropout = float(cfg.text_attn_dropout)
+    if cfg.freeze_patch_embed:
+        backbone.visual.conv1.requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Reading published run folders (the IRRA, PHP and RDE reference releases) into this project's model.
+"""Reading published run folders (the IRRA, PHP, RDE and TBPS-CLIP reference releases) into this project's model.
 
 Key names are mapped explicitly, rule by rule. A key that no rule maps and that is not on the short ignore list
 below is an error that names it. Published weights are mostly fp16; they are cast to fp32.
@@ -10,6 +10,7 @@ Ignored keys, and why:
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Dict, List, Tuple
 
@@ -19,7 +20,7 @@ from utils.config import drop_retired
 from utils.schema import COMPAT_MODES  # noqa: F401 - re-exported
 from utils.errors import UserError
 
-PROJECT, PHP_V1, IRRA, RDE = "project", "php_v1", "irra", "rde"
+PROJECT, PHP_V1, IRRA, RDE, TBPS = "project", "php_v1", "irra", "rde", "tbps"
 
 _BLOCK = r"^shared_transformer\.resblocks\.(\d+)\."
 _RULES: List[Tuple[str, str]] = [
@@ -41,6 +42,15 @@ _RULES: List[Tuple[str, str]] = [
     (r"^visul_emb_layer\.", "tse.image."),
     (r"^texual_emb_layer\.", "tse.text."),
 ]
+# TBPS-CLIP's model: CLIP's image tower as `visual`, its text tower as `encode_text`, its own two (model/tbps.py).
+_TBPS_RULES: List[Tuple[str, str]] = [
+    (r"^visual\.", "backbone.visual."),
+    (r"^encode_text\.", "backbone."),
+    (r"^logit_scale$", "tbps.logit_scale"),
+    (r"^simclr_mlp\.", "tbps.simclr_mlp."),
+    (r"^classifier\.", "classifier."),
+    (r"^(cross_attn|cross_modal_transformer|ln_pre_t|ln_pre_i|ln_post|mlm_head)\.", r"mlm.\1."),
+]
 _IGNORED = [r"^safl\.pos_embeding$", _BLOCK + r"feed_forward\.(expert_count_accum|token_count_accum)$"]
 
 
@@ -52,18 +62,22 @@ def detect_layout(state_dict: Dict[str, Any], source: str) -> str:
         if any(k.startswith(("safl.", "shared_transformer.")) for k in keys):
             return PHP_V1
         return RDE if any(k.startswith(("visul_emb_layer.", "texual_emb_layer.")) for k in keys) else IRRA
-    raise UserError(f"{source}: not a checkpoint of this project, IRRA, PHP or RDE (no 'backbone.*' or "
-                    f"'base_model.*' weights; first keys: {keys[:3]})")
+    if any(k.startswith("visual.") for k in keys) and any(k.startswith("encode_text.") for k in keys):
+        return TBPS
+    raise UserError(f"{source}: not a checkpoint of this project, IRRA, PHP, RDE or TBPS-CLIP (no 'backbone.*', "
+                    f"'base_model.*' or 'visual.*' + 'encode_text.*' weights; first keys: {keys[:3]})")
 
 
-def map_published_state_dict(state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:
-    """Rename a published (IRRA / PHP / RDE reference) state dict to this project's names, in fp32."""
+def map_published_state_dict(state_dict: Dict[str, torch.Tensor], source: str,
+                             layout: str = IRRA) -> Dict[str, torch.Tensor]:
+    """Rename a published (IRRA / PHP / RDE / TBPS-CLIP reference) state dict to this project's names, in fp32."""
     out: Dict[str, torch.Tensor] = {}
     unknown = []
+    rules = _TBPS_RULES if layout == TBPS else _RULES
     for key, value in state_dict.items():
         if any(re.match(p, key) for p in _IGNORED):
             continue
-        for pattern, replacement in _RULES:
+        for pattern, replacement in rules:
             if re.match(pattern, key):
                 new_key = re.sub(pattern, replacement, key, count=1)
                 break
@@ -109,6 +123,8 @@ def translate_published_config(raw: Dict[str, Any], layout: str, source: str) ->
     values = dict(raw)
     if layout == RDE:
         values.update(translate_rde_config(values))  # before its retired txt_aug is dropped
+    if layout == TBPS:
+        values = translate_tbps_config(values)
     values, _ = drop_retired(values, f"{source} (published {layout} run)")
     # A published run's output_dir is its own folder and resume flags are those of its training: not ours.
     for key in ("output_dir", "resume", "resume_ckpt_file"):
@@ -137,6 +153,55 @@ def translate_rde_config(values: Dict[str, Any]) -> Dict[str, Any]:
     return {"loss_names": "tal", "php_modules": "none",
             "caption_augment": "rde" if values.get("txt_aug", False) else "none",
             "noisy_file": ""}
+
+
+_TBPS_LOSS_FLAGS = (("ritc", "ritc"), ("citc", "citc"), ("ss", "ss"), ("id", "id"), ("mlm", "mlm"))
+_DATASETS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid")
+
+
+def looks_like_tbps_config(raw: Any) -> bool:
+    """Whether a config file's values are TBPS-CLIP's nested ones (its `experiment` and `schedule` sections)."""
+    return isinstance(raw, dict) and isinstance(raw.get("experiment"), dict) and isinstance(raw.get("schedule"), dict)
+
+
+def translate_tbps_config(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """A TBPS-CLIP config (its config.yaml, nested in misc / experiment / schedule / model / data) in this project's
+    flat terms; what it names that means nothing here (device, paths on its authors' machine) is left out."""
+    def part(name: str) -> Dict[str, Any]:
+        value = raw.get(name)
+        return value if isinstance(value, dict) else {}
+
+    exp, sched, model, data = part("experiment"), part("schedule"), part("model"), part("data")
+    losses = ["nitc"] + [loss for flag, loss in _TBPS_LOSS_FLAGS if exp.get(flag)]
+    size = exp.get("input_resolution", [224, 224])
+    values: Dict[str, Any] = {
+        "img_size": [size, size] if isinstance(size, int) else list(size), "image_recipe": "tbps",
+        "text_length": exp.get("text_length", 77), "caption_augment": "tbps",
+        "text_attn_dropout": exp.get("dropout", 0.05), "freeze_patch_embed": True, "php_modules": "none",
+        "loss_names": "+".join(losses), "mvs_image": bool(exp.get("mvs_image", True)),
+        "softlabel_ratio": model.get("softlabel_ratio", 0.5), "ritc_eps": exp.get("ritc_eps", 1e-2),
+        "nitc_loss_weight": exp.get("nitc_ratio", 1.0), "ritc_loss_weight": exp.get("ritc_ratio", 1.0),
+        "citc_loss_weight": exp.get("citc_ratio", 0.1), "ss_loss_weight": exp.get("ss_ratio", 0.4),
+        "citc_lambda1": exp.get("citc_lambda1", 0.25), "citc_lambda2": exp.get("citc_lambda2", 0.25),
+        "simclr_temperature": exp.get("simclr_temperature", 0.1), "optimizer": "AdamW", "lr_step": "iteration",
+        "no_decay_1d": True, "bias_lr_factor": 1.0, "lrscheduler": "cosine", "warmup_method": "linear",
+        "batch_size_scope": "per_process"}
+    lr = float(sched.get("lr", 1e-4))
+    values.update(lr=lr, num_epoch=sched.get("epoch", 5), warmup_epochs=sched.get("epoch_warmup", 1),
+                  warmup_factor=float(sched.get("lr_start", 1e-6)) / lr, target_lr=sched.get("lr_end", 5e-6),
+                  weight_decay=sched.get("weight_decay", 0.02), optimizer_eps=sched.get("eps", 1e-8))
+    betas = sched.get("betas", [0.9, 0.98])
+    values.update(alpha=betas[0], beta=betas[1])
+    for ours, theirs in (("batch_size", "batch_size"), ("test_batch_size", "test_batch_size"),
+                         ("num_workers", "num_workers")):
+        if theirs in data:
+            values[ours] = data[theirs]
+    if isinstance(part("misc").get("seed"), int):
+        values["seed"] = part("misc")["seed"]
+    folder = os.path.basename(os.path.normpath(str(raw.get("anno_dir", ""))))
+    if folder in _DATASETS:
+        values["dataset_name"] = folder
+    return values
 
 
 def head_sizes(state_dict: Dict[str, torch.Tensor], dim: int) -> Dict[str, Any]:

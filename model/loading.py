@@ -55,11 +55,17 @@ class LoadedRun:
     changes: Tuple[str, ...] = ()
 
 
+# The forms of a run folder: (config, checkpoint) file names. This project's runs and the IRRA / PHP / RDE
+# releases write configs.yaml and best.pth; TBPS-CLIP's code writes config.yaml and checkpoint_best.pth.
+RUN_FILES = (("configs.yaml", "best.pth"), ("config.yaml", "checkpoint_best.pth"))
+
+
 def find_checkpoint(config_file: str, checkpoint: Optional[str]) -> str:
-    path = checkpoint or os.path.join(os.path.dirname(os.path.abspath(config_file)), "best.pth")
+    folder = os.path.dirname(os.path.abspath(config_file))
+    name = dict(RUN_FILES).get(os.path.basename(config_file), "best.pth")
+    path = checkpoint or os.path.join(folder, name)
     if not os.path.isfile(path):
-        where = f"run folder {os.path.dirname(os.path.abspath(config_file))} has no best.pth" if not checkpoint \
-            else f"checkpoint not found: {checkpoint}"
+        where = f"run folder {folder} has no {name}" if not checkpoint else f"checkpoint not found: {checkpoint}"
         raise UserError(f"{where} (train the run first; test.py and retrieve.py also take another checkpoint with "
                         f"--checkpoint)")
     return path
@@ -88,7 +94,7 @@ def load_model(config_file: str, checkpoint: Optional[str] = None, device: str =
     state, trained_with, verified = read_state_dict(path, trusted)
     layout = detect_layout(state, path)
     if layout != PROJECT:
-        state = map_published_state_dict(state, path)
+        state = map_published_state_dict(state, path, layout)
         raw = translate_published_config(raw, layout, config_file)
 
     shape = shape_from_state_dict(state, prefix="backbone.")

@@ -70,6 +70,10 @@ class LossSpec:
     needs: Tuple[str, ...]  # heads that must exist for it
     check: Optional[Callable[[Any], Optional[str]]]  # a config it cannot work with -> the reason
     owner: str
+    gathers: Tuple[str, ...] = ()  # keys of `out` gathered over processes too, with global_batch
+    # Extra image views of each training item it needs (datasets/transforms.py VIEWS; they reach the model as
+    # batch["view_<name>"]). Only the views some active loss asks for are made.
+    views: Union[Tuple[str, ...], Callable[[Any], Sequence[str]]] = ()
 
 
 HEADS: Dict[str, HeadSpec] = {}
@@ -96,8 +100,11 @@ def register_head(name: str, *, enabled: Optional[Callable[[Any], bool]] = None,
 
 
 def register_loss(name: str, *, weight: Weight = 1.0, global_batch: bool = False, needs: Sequence[str] = (),
-                  check: Optional[Callable[[Any], Optional[str]]] = None, options: Sequence[Option] = ()):
-    """Decorator for `fn(out, cfg) -> scalar tensor or {"loss": scalar, ...}`; see the module docstring."""
+                  check: Optional[Callable[[Any], Optional[str]]] = None, options: Sequence[Option] = (),
+                  gathers: Sequence[str] = (), views: Union[Sequence[str], Callable[[Any], Sequence[str]]] = ()):
+    """Decorator for `fn(out, cfg) -> scalar tensor or {"loss": scalar, ...}`; see the module docstring.
+    `gathers`: more keys of `out` that a `global_batch` loss sees over every process; `views`: the extra image
+    views of each item it needs (names of datasets/transforms.VIEWS), or a function of the config giving them."""
     def decorator(fn):
         declared = list(options)
         weight_of: Weight = weight
@@ -110,9 +117,20 @@ def register_loss(name: str, *, weight: Weight = 1.0, global_batch: bool = False
                                    minimum=0))
             weight_of = f"{name}_loss_weight"
         owner = declare(LOSSES, "loss", name, fn.__module__, declared)
-        LOSSES[name] = LossSpec(name, fn, weight_of, global_batch, tuple(needs), check, owner)
+        LOSSES[name] = LossSpec(name, fn, weight_of, global_batch, tuple(needs), check, owner, tuple(gathers),
+                                views if callable(views) else tuple(views))
         return fn
     return decorator
+
+
+def loss_views(cfg) -> Tuple[str, ...]:
+    """The extra image views the active losses of `cfg` need, in first-asked order."""
+    views: Dict[str, None] = {}
+    for name in cfg.losses:
+        spec = LOSSES.get(name)
+        if spec is not None:
+            views.update(dict.fromkeys(spec.views(cfg) if callable(spec.views) else spec.views))
+    return tuple(views)
 
 
 def loss_weight(spec: LossSpec, cfg) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from open_clip.model import CLIP
@@ -28,8 +28,9 @@ from model.head import Head, Tower
 from model.similarity import DEFAULT, Similarity
 from model.registry import HEADS, LossSpec
 
-# (image_feats, text_feats, pids) -> the same three over every process's batch; see utils/distributed.py.
-Gatherer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# {name: tensor of this process's batch} -> the same over every process's batch; see utils/distributed.py.
+Gatherer = Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
+# What every global-batch loss sees gathered; a loss declares more keys of `out` with `gathers`.
 GLOBAL_KEYS = ("image_feats", "text_feats", "pids")
 
 
@@ -173,9 +174,10 @@ class RetrievalModel(nn.Module):
         """
         image_feats = out["image_feats"]
         # torch.full, not new_tensor: a fill on the device rather than a copy from the host, which on CUDA waits.
-        results: Dict[str, torch.Tensor] = {"temperature": torch.full((), 1.0 / self.logit_scale,
-                                                                       device=image_feats.device)}
-        gathered = None
+        scale = out["logit_scale"]  # a head may learn its own (TBPS-CLIP's)
+        results: Dict[str, torch.Tensor] = {"temperature": 1.0 / scale.detach().float() if torch.is_tensor(scale)
+                                            else torch.full((), 1.0 / scale, device=image_feats.device)}
+        gathered: Dict[str, Any] = {}
         device = image_feats.device.type
         # (The meta device, used to check shapes, has no autocast to turn off.)
         off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
@@ -183,9 +185,10 @@ class RetrievalModel(nn.Module):
             for name, loss in self.losses.items():
                 view = out
                 if loss.spec.global_batch and self.gather is not None:
-                    if gathered is None:
-                        gathered = {**out, **dict(zip(GLOBAL_KEYS, self.gather(*(out[k] for k in GLOBAL_KEYS))))}
-                    view = gathered
+                    keys = [k for k in (*GLOBAL_KEYS, *loss.spec.gathers) if k not in gathered and k in out]
+                    if keys:
+                        gathered.update(self.gather({k: out[k] for k in keys}))
+                    view = {**out, **gathered}
                 value = loss(view)
                 if isinstance(value, dict):
                     results.update({k: v.detach().float() for k, v in value.items() if k != "loss"})

@@ -69,7 +69,7 @@ class Trainer:
                                           model, cfg.torch_compile, device)
         self.optimizer = build_optimizer(cfg, model)
         self.skips_on_device = getattr(self.optimizer, "_step_supports_amp_scaling", False)
-        self.scheduler = build_lr_scheduler(cfg, self.optimizer)
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer, len(train_loader) if train_loader is not None else 1)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.log_names: Tuple[str, ...] = ()
         self.start_epoch = 1
@@ -143,7 +143,8 @@ class Trainer:
                 callback_seconds = time.time() - start
                 means = self.train_epoch(epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
-                self.scheduler.step()
+                if not self.scheduler.per_iteration:
+                    self.scheduler.step()
                 seconds = time.time() - start
                 global_batch = per_process_batch_size(cfg, self.world_size) * self.world_size
                 record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 2),
@@ -182,7 +183,9 @@ class Trainer:
                    dynamic_ncols=True, mininterval=1.0, leave=False)
         rows: List[torch.Tensor] = []
         for it, batch in enumerate(bar, start=1):
-            rows.append(self.train_step(batch))
+            rows.append(self.train_step(batch, progress=epoch - 1 + (it - 1) / num_iters))
+            if self.scheduler.per_iteration:
+                self.scheduler.step()
             if it % cfg.log_period == 0:
                 self._read_back(rows, epoch, it, num_iters, means, bar)
                 rows = []
@@ -191,8 +194,10 @@ class Trainer:
         bar.close()
         return means.means()
 
-    def train_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def train_step(self, batch: Dict[str, torch.Tensor], progress: Optional[float] = None) -> torch.Tensor:
         """One optimisation step on `batch` that does not wait for the device (see the module docstring).
+        `progress`, the epochs done before this step (fractional, from 0), reaches the model as batch["progress"]
+        (TBPS-CLIP's soft-label ramp reads it).
 
         Returns the step's logged values on the device: the model's outputs named by `self.log_names` (its `*_loss`
         terms first), float32, averaged over processes. When the sum of the terms is not finite, no weight and no
@@ -204,6 +209,8 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         batch = self.callbacks.annotate(batch)
+        if progress is not None:
+            batch["progress"] = float(progress)
         with autocast(self.device, cfg.precision):
             out = self.model(batch)
         terms = [k for k in out if k.endswith("_loss")]

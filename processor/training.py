@@ -14,13 +14,15 @@ from typing import Optional, Tuple
 import torch
 
 from datasets import dataset_from_config
-from datasets.loaders import build_eval_loaders, build_train_loader
+from datasets.loaders import build_eval_loaders, build_train_loader, per_process_batch_size
 from datasets.noise import apply_noise
 from evaluation.curves import plot_curves
 from evaluation.evaluator import Evaluator
 from model import build_model
+from model.registry import loss_views
 from processor import ccd  # noqa: F401 - registers RDE's sample selection
 from processor.components import check_unused_options
+from processor.precision import Choice, recorded_choice, resolve_precision
 from processor.trainer import Trainer
 from utils import distributed as dist_utils
 from utils.checkpoint import read_checkpoint, remove_partial_checkpoints
@@ -130,8 +132,11 @@ def check_plugins(cfg: Config, ckpt: dict, path: str) -> None:
     logger.warning("resuming with changed plug-ins (allow_changed_plugins): %s", "; ".join(changes))
 
 
-def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_dir: str):
-    """(the Trainer of the run, the noisy pairs it made or None): data set, noise, model; nothing is written."""
+def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_dir: str,
+           recorded: Optional[Choice] = None):
+    """(the Trainer of the run, the noisy pairs it made or None): data set, noise, model, precision ('auto'
+    resolved: `recorded`, a resumed run's own choice, or timed); nothing is written but the precision cache. The
+    Trainer's cfg is the resolved one."""
     if cfg.val_dataset == "test" and rank == 0:
         logger.warning("model selection uses the TEST split (val_dataset: test); reported test numbers are then "
                        "optimistic")
@@ -149,6 +154,9 @@ def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_di
     model = build_model(cfg, dataset.num_classes).to(device)
     if cfg.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
+    # Before use_global_batch: timing steps of a copy that gathered features would wait for the other processes.
+    cfg, choice = resolve_precision(cfg, model, device, per_process_batch_size(cfg, world_size), rank, world_size,
+                                    recorded)
     if world_size > 1 and cfg.gather_features:
         dist_utils.use_global_batch(model, world_size)
     if rank == 0:
@@ -156,10 +164,12 @@ def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_di
         logger.info("model: %.2f M parameters (%s, php_modules %s, losses %s)",
                     sum(p.numel() for p in model.parameters()) / 1e6, cfg.pretrain_choice, cfg.php_modules,
                     cfg.loss_names)
-    train_loader = build_train_loader(cfg, dataset, rank, world_size)
+    train_loader = build_train_loader(cfg, dataset, rank, world_size, views=loss_views(cfg))
     evaluator = Evaluator(*build_eval_loaders(cfg, split), precision=cfg.precision)
     # Once per process: the code and data this process trains with (history.json records them per epoch).
     provenance = code_and_data(dataset.annotation_file, cfg.custom_imports) if rank == 0 else None
+    if provenance is not None and choice is not None:
+        provenance["precision_choice"] = choice.record()
     trainer = Trainer(cfg, model, train_loader, evaluator, run_dir, device, rank, world_size, provenance,
                       clean=None if noisy is None else noisy.clean)
     return trainer, noisy
@@ -176,7 +186,8 @@ def run_training(cfg: Config, rank: int, world_size: int, local_rank: int, confi
         logger.info("run folder %s; device %s; precision %s; %d process(es)", run_dir, device, cfg.precision,
                     world_size)
     unused = check_unused_options(cfg)
-    trainer, noisy = _build(cfg, rank, world_size, device, run_dir)
+    trainer, noisy = _build(cfg, rank, world_size, device, run_dir, recorded_choice(ckpt))
+    cfg = trainer.cfg  # 'auto' resolved: configs.yaml records the precision the run trains in
     if ckpt is not None and not trainer.restore(ckpt, resume_path):
         logger.info("%s already finished all %d epochs; nothing to do", run_dir, cfg.num_epoch)
         return TrainResult(run_dir, trainer.best_r1, trainer.best_epoch, finished_before=True)

@@ -11,7 +11,8 @@ submodule, one of three kinds (model/registry.py, `lr_groups`):
 - `head_factor` (the ID classifier, the MLM prediction head): lr = `lr` * `lr_factor`, biases included, with
   `weight_decay_bias` for biases;
 
-then multiplies the lr by its `lr_factor` option (the PHP head: `php_lr_factor`, 1.0 in the PHP reference). A
+then multiplies the lr by its `lr_factor` option (the PHP head: `php_lr_factor`, 1.0 in the PHP reference). With
+`no_decay_1d` (TBPS-CLIP), a parameter of fewer than two dimensions (biases, norms, a logit scale) has no decay. A
 parameter of a module that no head claims (nor the backbone) trains at the base lr, with a warning: an
 unregistered module never gets a factor by accident of its name.
 
@@ -92,6 +93,8 @@ def build_param_groups(cfg: Config, model: nn.Module) -> List[Dict]:
         if label == "unclaimed":
             unclaimed.append(name)
             label = "base"
+        if cfg.no_decay_1d and param.ndim < 2 and decay:
+            decay, label = 0.0, f"{label}_1d"
         group = groups.setdefault((lr, decay), {"params": [], "lr": lr, "weight_decay": decay, "labels": []})
         group["params"].append(param)
         if label not in group["labels"]:

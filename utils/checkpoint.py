@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
+from utils import safe_unpickle
+
 from utils.errors import UserError
 from utils.files import remove_orphan_temps, write_atomic
 
@@ -83,10 +85,7 @@ def read_checkpoint(path: str, trusted: bool = False, verify: bool = True) -> An
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        with warnings.catch_warnings():
-            # A plain pickle.dump file makes torch warn about its protocol before refusing it; the refusal says it.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
+        ckpt = _load(path, trusted)
     except pickle.UnpicklingError as e:
         # The restricted unpickler names the first class it would have had to import.
         needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
@@ -99,6 +98,23 @@ def read_checkpoint(path: str, trusted: bool = False, verify: bool = True) -> An
     if verify:
         verify_weights(ckpt, path)
     return ckpt
+
+
+def _load(path: str, trusted: bool) -> Any:
+    """torch.load on the CPU: weights only unless `trusted`; a file refused only for the harmless types that
+    utils/safe_unpickle.py reads (a TBPS-CLIP checkpoint's EasyDict config and numpy scalars) is read again
+    through that allow-list, with those types as plain ones."""
+    with warnings.catch_warnings():
+        # A plain pickle.dump file makes torch warn about its protocol before refusing it; the refusal says it.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
+        except pickle.UnpicklingError as e:
+            needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            if trusted or needed is None or needed.group(1) not in safe_unpickle.EXTRA:
+                raise
+        return safe_unpickle.plain(torch.load(path, map_location="cpu", weights_only=False,
+                                              pickle_module=safe_unpickle))
 
 
 def _what_pickle_needs(path: str) -> str:

@@ -9,7 +9,7 @@ import contextlib
 import os
 import sys
 from datetime import timedelta
-from typing import Callable, ContextManager, Iterator, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, Tuple
 
 import torch
 import torch.distributed as dist
@@ -97,19 +97,20 @@ def scale_gradient(value: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def feature_gatherer(world_size: int):
-    """A `RetrievalModel.gather` function for contrastive losses over the global batch.
+    """A `RetrievalModel.gather` function for contrastive losses over the global batch: {name: tensor [B, ...]}
+    -> {name: the tensors of every process, concatenated in rank order}.
 
     Each process computes the loss of the whole global batch, with gradients through its own features only;
     DDP then averages the parameter gradients over processes, which divides by world_size. Scaling the gradient
     of the gathered features by world_size makes the update equal to single-process training on the global
     batch, while the reported loss stays the global-batch value.
     """
-    def gather(image_feats, text_feats, pids):
+    def gather(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         if world_size <= 1:
-            return image_feats, text_feats, pids
-        return (scale_gradient(all_gather_with_grad(image_feats), world_size),
-                scale_gradient(all_gather_with_grad(text_feats), world_size),
-                all_gather_with_grad(pids))
+            return dict(tensors)
+        # Integer tensors (pids) carry no gradient to scale.
+        return {key: scale_gradient(all_gather_with_grad(x), world_size) if x.is_floating_point()
+                else all_gather_with_grad(x) for key, x in tensors.items()}
     return gather
 
 

@@ -67,7 +67,10 @@ class Config:
     seed: int = _opt(1, "Seed of every random number generator (model init, samplers, augmentation, masking).",
                      minimum=0)
     device: str = _opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
-    precision: str = _opt("fp32", "Autocast precision; master weights stay fp32.", ("fp32", "bf16", "fp16"))
+    precision: str = _opt("fp32", "Autocast precision; master weights stay fp32. 'auto': on CUDA bf16 where the "
+                                  "GPU supports it, else fp16; on the CPU the faster of fp32 and bf16, timed on the "
+                                  "run's model before it trains (processor/precision.py); the run records its "
+                                  "choice.", ("fp32", "bf16", "fp16", "auto"))
     num_workers: int = _opt(4, "Data-loader worker processes.", minimum=0)
     log_period: int = _opt(100, "Iterations between log lines.", positive=True)
     eval_period: int = _opt(1, "Epochs between evaluations on the validation split.", positive=True)
@@ -107,7 +110,11 @@ class Config:
 
     # --- data --------------------------------------------------------------------------------------------
     img_size: List[int] = _opt([384, 128], "Image height and width.")
-    img_aug: bool = _opt(True, "Flip, pad-and-crop and random erasing; off: flip only.")
+    img_aug: bool = _opt(True, "Training augmentation of the image recipe; off: flip only (clip) or none (tbps).")
+    image_recipe: str = _opt("clip", "Image transforms (datasets/transforms.py): 'clip' (CLIP normalisation; "
+                                     "training: flip, pad-and-crop, erasing) or 'tbps' (TBPS-CLIP's: ImageNet "
+                                     "normalisation, two augmentations drawn from a pool of six, bicubic test "
+                                     "resize).", ("clip", "tbps"))
     cache_images: bool = _opt(False, "Decode and resize every training image once, before training, and keep "
                                      "it in memory (H*W*3 bytes each: 147 KB at 384x128, ~5 GB for "
                                      "CUHK-PEDES); augmentation still runs per item. For when decoding limits "
@@ -135,7 +142,12 @@ class Config:
                                             "name for random weights ('ViT-B-16', 'ViT-Demo').")
     pretrained_dir: str = _opt("./pretrained", "Folder searched for OpenAI's CLIP files (ViT-B-16.pt).", path=True)
     stride_size: int = _opt(16, "Patch stride; must equal the patch size (kept for reference configs).", positive=True)
-    temperature: float = _opt(0.02, "Contrastive temperature; logit scale = 1 / temperature (fixed).", positive=True)
+    temperature: float = _opt(0.02, "Contrastive temperature; logit scale = 1 / temperature (fixed unless a head "
+                                    "learns its own, as TBPS-CLIP's does).", positive=True)
+    text_attn_dropout: float = _opt(0.0, "Dropout on the attention probabilities of the text tower's blocks "
+                                         "(TBPS-CLIP: 0.05).", minimum=0)
+    freeze_patch_embed: bool = _opt(False, "Keep the image tower's patch embedding (conv1) frozen, as TBPS-CLIP "
+                                           "does.")
     loss_names: str = _opt("sdm+itc+aux", "Losses joined by '+', by registered name: itc, sdm, cmpm, id, mlm, "
                                           "aux, or a plug-in's.")
     sdm_loss_weight: float = _opt(1.0, "Weight of the SDM loss.", minimum=0)
@@ -176,6 +188,9 @@ class Config:
     momentum: float = _opt(0.9, "SGD momentum.", minimum=0)
     weight_decay: float = _opt(4e-5, "Weight decay.", minimum=0)
     weight_decay_bias: float = _opt(0.0, "Weight decay of biases.", minimum=0)
+    no_decay_1d: bool = _opt(False, "No weight decay for any parameter of fewer than 2 dimensions (norms, "
+                                    "embeddings' class token, a learned logit scale), biases included, as "
+                                    "TBPS-CLIP groups them.")
     alpha: float = _opt(0.9, "Adam/AdamW beta1.", minimum=0)
     beta: float = _opt(0.999, "Adam/AdamW beta2.", minimum=0)
     optimizer_eps: Optional[float] = _opt(None, "Adam/AdamW epsilon; empty: the reference's (Adam 1e-3, AdamW "
@@ -190,6 +205,9 @@ class Config:
     warmup_factor: float = _opt(0.1, "Learning-rate factor at the start of warm-up.", minimum=0)
     warmup_epochs: int = _opt(5, "Warm-up epochs.", minimum=0)
     warmup_method: str = _opt("linear", "Warm-up shape.", ("constant", "linear", "exp"))
+    lr_step: str = _opt("epoch", "When the schedule advances: once an epoch (IRRA, PHP), or after every "
+                                 "iteration ('iteration', TBPS-CLIP: warm-up and decay per step).",
+                        ("epoch", "iteration"))
     target_lr: float = _opt(0.0, "Final learning rate of the cosine, linear, poly and polynomial schedules.",
                             minimum=0)
     power: float = _opt(0.9, "Base of the poly and exp schedules, exponent of polynomial.", minimum=0)
@@ -330,6 +348,9 @@ RESUME_MUTABLE = ("num_epoch", "eval_period", "log_period", "num_workers", "devi
                   "root_dir", "pretrained_dir", "resume", "resume_ckpt_file", "overwrite",
                   "allow_changed_plugins")
 _RUN_FOLDER_KEYS = ("name", "output_dir")
+# Requested values that a run resolves when it starts and records resolved: resuming with them matches whatever
+# the run recorded (it keeps its choice: processor/precision.py).
+RESOLVED_AT_START = {"precision": "auto"}
 
 
 def resume_differences(requested: Config, saved: Config) -> List[str]:
@@ -339,6 +360,6 @@ def resume_differences(requested: Config, saved: Config) -> List[str]:
         if key in RESUME_MUTABLE or key in _RUN_FOLDER_KEYS:
             continue
         old, new = getattr(saved, key, None), getattr(requested, key, None)
-        if old != new:
+        if old != new and not (key in RESOLVED_AT_START and new == RESOLVED_AT_START[key]):
             differences.append(f"{key} ({short_repr(old)} -> {short_repr(new)})")
     return differences
