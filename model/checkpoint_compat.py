@@ -155,7 +155,8 @@ def translate_rde_config(values: Dict[str, Any]) -> Dict[str, Any]:
             "noisy_file": ""}
 
 
-_TBPS_LOSS_FLAGS = (("ritc", "ritc"), ("citc", "citc"), ("ss", "ss"), ("id", "id"), ("mlm", "mlm"))
+# Losses TBPS-CLIP switches on by a flag of the same name in its `experiment` section.
+_TBPS_LOSS_FLAGS = ("ritc", "citc", "ss", "id", "mlm")
 _DATASETS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid")
 
 
@@ -172,7 +173,7 @@ def translate_tbps_config(raw: Dict[str, Any]) -> Dict[str, Any]:
         return value if isinstance(value, dict) else {}
 
     exp, sched, model, data = part("experiment"), part("schedule"), part("model"), part("data")
-    losses = ["nitc"] + [loss for flag, loss in _TBPS_LOSS_FLAGS if exp.get(flag)]
+    losses = ["nitc"] + [loss for loss in _TBPS_LOSS_FLAGS if exp.get(loss)]
     size = exp.get("input_resolution", [224, 224])
     values: Dict[str, Any] = {
         "img_size": [size, size] if isinstance(size, int) else list(size), "image_recipe": "tbps",

@@ -32,6 +32,15 @@ def train_argv(root, out, *extra):
     return ["--config_file", SMOKE, "--root_dir", root, "--output_dir", out, *fast, *extra]
 
 
+def same_final_weights(*outs):
+    """The last.pth of the smoke run under each output folder `outs`, asserted to hold identical weights."""
+    from utils.checkpoint import read_checkpoint
+    ckpts = [read_checkpoint(os.path.join(run_dir(out), "last.pth")) for out in outs]
+    for key in ckpts[0]["model"]:
+        assert all(torch.equal(ckpts[0]["model"][key], c["model"][key]) for c in ckpts[1:]), key
+    return ckpts
+
+
 def run_dir(out):
     """The run folder of the smoke config under output folder `out`."""
     return os.path.join(out, "Demo-PEDES", "smoke")
