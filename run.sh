@@ -5,6 +5,9 @@
 #                                  a run that has a last.pth is continued (a finished one only tested again)
 #   sh run.sh <preset> --seeds 1 2 3 [--k v ...]
 #                                  one run per seed, named <name>_seed<N>; `sh run.sh test` then adds mean +- std
+#   sh run.sh methods [--seeds 1 2 3] [--paper cuhk|icfg|rstp] [--methods IRRA,PHP] [--tag T] [--k v ...]
+#                                  train and test every method's Demo preset (IRRA, PHP, RDE, TBPS-CLIP; with --paper
+#                                  their paper presets) under one protocol; writes logs/methods.md and .csv
 #   sh run.sh test [--k v ...] [RUN_DIR ...]
 #                                  evaluate run folders (default: every folder under ./logs with configs.yaml and
 #                                  best.pth), this project's and published ones; writes logs/summary.md and .csv
@@ -25,6 +28,9 @@ case "$job" in
     serve)
         shift
         exec "$PYTHON" -m tools.serve "$@" ;;
+    methods)
+        shift
+        exec "$PYTHON" -m tools.methods "$@" ;;
     leak-study)
         shift
         exec "$PYTHON" -m tools.leak_study "$@" ;;

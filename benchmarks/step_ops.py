@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from model import build_model
 from model.backbone import ARCHITECTURES
-from processor.synthetic import synthetic_batch
+from processor.synthetic import training_batch
 from processor.trainer import Trainer
 from utils.cli import Command, parse_command_line
 from utils.config import build_config
@@ -86,7 +86,7 @@ def count_step(args: argparse.Namespace) -> Dict[str, Dict[str, int]]:
     cfg = build_config(args.config, overrides)
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=max(2, args.batch_size // 2)).to(device).train()
-    batch = synthetic_batch(args.batch_size, cfg.img_size, cfg.text_length, device)
+    batch = training_batch(cfg, args.batch_size, device)
     trainer = Trainer(cfg, model, device=device)
     trainer.train_step(batch)  # creates the optimizer's state
 

@@ -47,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from model import build_model
 from model.backbone import ARCHITECTURES, build_clip
 from processor.precision import cpu_description, describe_cpu
-from processor.synthetic import synthetic_batch
+from processor.synthetic import training_batch
 from processor.trainer import Trainer
 from utils.config import build_config
 
@@ -113,7 +113,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     model = build_model(cfg, num_classes=max(2, args.batch_size // 2), backbone=backbone).to(device)
     if cfg.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
-    batch = synthetic_batch(args.batch_size, cfg.img_size, cfg.text_length, device)
+    batch = training_batch(cfg, args.batch_size, device)
     if mode == "half":
         # The reference's approach: every weight in fp16, plain fp16 inputs, no autocast, Adam eps 1e-3.
         model.half()

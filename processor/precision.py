@@ -25,13 +25,12 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from processor.synthetic import synthetic_batch
+from processor.synthetic import training_batch
 from utils.config import Config
 from utils.env import autocast
 from utils.errors import UserError
 from utils.files import write_atomic
 from utils.provenance import utc_now
-from utils.tokenizer import mask_tokens
 
 logger = logging.getLogger("php.train")
 
@@ -154,19 +153,6 @@ def store(path: str, key: Dict[str, Any], precision: str, timings: Dict[str, flo
         logger.warning("%s; the next run times again", e)
 
 
-def calibration_batch(cfg: Config, batch_size: int, device: torch.device) -> Dict[str, torch.Tensor]:
-    """A synthetic batch of the run's shapes with every key a training loader gives (indices, MLM inputs), so
-    that any loss finds what it reads."""
-    batch = synthetic_batch(batch_size, cfg.img_size, cfg.text_length, device)
-    batch["indices"] = torch.arange(batch_size, device=device)
-    batch["image_ids"] = torch.arange(batch_size, device=device)
-    gen = torch.Generator().manual_seed(0)
-    masked = [mask_tokens(ids, gen) for ids in batch["caption_ids"].cpu()]
-    batch["mlm_ids"] = torch.stack([m[0] for m in masked]).to(device)
-    batch["mlm_labels"] = torch.stack([m[1] for m in masked]).to(device)
-    return batch
-
-
 def _step(model: torch.nn.Module, batch: Dict[str, torch.Tensor], device: torch.device, precision: str) -> None:
     """The trainer's forward and backward (processor/trainer.py train_step), without the optimizer."""
     with autocast(device, precision):
@@ -207,7 +193,7 @@ def measure(cfg: Config, model: torch.nn.Module, device: torch.device, batch_siz
     RNG (dropout draws) are left exactly as they were, so that a run trains the same whether it timed or not."""
     with torch.random.fork_rng(devices=[]):
         probe = copy.deepcopy(model).train()
-        return time_modes(probe, calibration_batch(cfg, batch_size, device), device, budget_s=budget_s)
+        return time_modes(probe, training_batch(cfg, batch_size, device), device, budget_s=budget_s)
 
 
 def pick(timings: Dict[str, float]) -> str:

@@ -6,7 +6,8 @@ from typing import Dict, Sequence
 
 import torch
 
-from utils.tokenizer import EOT_ID, SOT_ID
+from model.registry import loss_views
+from utils.tokenizer import EOT_ID, SOT_ID, mask_tokens
 
 
 def synthetic_batch(batch_size: int, img_size: Sequence[int], text_length: int, device: torch.device,
@@ -23,3 +24,18 @@ def synthetic_batch(batch_size: int, img_size: Sequence[int], text_length: int, 
         ids[b, n] = EOT_ID
     pids = torch.arange(batch_size) // 2
     return {"images": images.to(device), "caption_ids": ids.to(device), "pids": pids.to(device)}
+
+
+def training_batch(cfg, batch_size: int, device: torch.device) -> Dict[str, torch.Tensor]:
+    """A synthetic batch of the run's shapes with every key a training loader gives it (sample indices, MLM
+    inputs, the extra image views its losses ask for), so that any loss finds what it reads."""
+    batch = synthetic_batch(batch_size, cfg.img_size, cfg.text_length, device)
+    batch["indices"] = torch.arange(batch_size, device=device)
+    batch["image_ids"] = torch.arange(batch_size, device=device)
+    gen = torch.Generator().manual_seed(0)
+    masked = [mask_tokens(ids, gen) for ids in batch["caption_ids"].cpu()]
+    batch["mlm_ids"] = torch.stack([m[0] for m in masked]).to(device)
+    batch["mlm_labels"] = torch.stack([m[1] for m in masked]).to(device)
+    for name in loss_views(cfg):
+        batch[f"view_{name}"] = torch.randn(batch_size, 3, *cfg.img_size, generator=gen).to(device)
+    return batch

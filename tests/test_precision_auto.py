@@ -204,3 +204,17 @@ def test_a_run_records_its_choice_and_a_resume_keeps_it_whatever_the_cache_says(
     code, err = run_entry(train.main, train_argv(root, out, "--precision", other, "--resume", "--num_epoch", "4"),
                           capsys)
     assert code != 0 and f"precision ('{chosen}' -> '{other}')" in err
+
+
+@pytest.mark.parametrize("methods", [
+    {"php_modules": "none", "loss_names": "sdm+id+mlm"},  # IRRA: MLM inputs
+    {"php_modules": "none", "loss_names": "nitc+ritc+citc+ss"},  # TBPS-CLIP: the extra image views
+    {"php_modules": "none", "loss_names": "tal"},  # RDE: per-sample weights by index
+])
+def test_every_methods_model_is_timed_not_sent_to_the_fallback(methods, cache):
+    # A batch that lacked what a loss reads (mlm_ids, view_mvs) sent IRRA and TBPS-CLIP to fp32 untimed.
+    cfg = tiny_cfg(batch_size=8, **methods)
+    torch.manual_seed(0)
+    choice = choose_precision(cfg, build_model(cfg, 8), CPU, 8, budget_s=0.5)
+    assert choice.source == "timed", choice.note
+    assert set(choice.timings) == {"fp32", "bf16"}

@@ -1,0 +1,37 @@
+"""Train and test every method's preset under one protocol and tabulate them: what `sh run.sh methods` runs.
+
+    python -m tools.methods --seeds 1 2 3                  the Demo presets: irra_demo, demo (PHP), rde_demo, tbps_demo
+    python -m tools.methods --paper cuhk --seeds 1 2 3     the paper presets (irra_cuhk, php_cuhk, ...; data needed)
+    python -m tools.methods --methods PHP,RDE --noisy_rate 0.5 --tag noise50
+
+`--key value` options apply to every method's runs. Finished runs are only tested again. It writes
+logs/methods.md and methods.csv (methods_<dataset>.* with --paper, methods[_<dataset>]_<TAG>.* with --tag). The job is processor.methods.run_methods.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+
+from processor.methods import DATASETS, run_methods
+from utils.cli import DEBUG, Command, Flag, integer, parse_command_line, run_main
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+COMMAND = Command("sh run.sh methods", __doc__, flags=(
+    Flag("seeds", "one run per seed and method, named <name>_seed<N>", nargs="+", type=integer, metavar="N",
+         expects="integers", needs="at least one seed, e.g. --seeds 1 2 3"),
+    Flag("paper", "the paper presets of this data set instead of the Demo ones", choices=DATASETS),
+    Flag("methods", "a comma-separated subset: IRRA, PHP, RDE, TBPS-CLIP", metavar="NAMES"),
+    Flag("tag", "name the runs <name>_<TAG> and the tables methods_<TAG>.md/.csv (a table under other options)",
+         default="", metavar="TAG"),
+    DEBUG))
+
+
+def main(argv) -> int:
+    args = parse_command_line(COMMAND, argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    return run_methods(CONFIGS, args.seeds, args.overrides, args.paper, methods, seed_given="seed" in args.overrides,
+                       command=" ".join(["sh run.sh methods", *map(shlex.quote, argv)]), tag=args.tag)
+
+
+if __name__ == "__main__":
+    run_main(main)
