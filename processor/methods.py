@@ -28,6 +28,7 @@ import torch
 from evaluation.metrics import METRIC_KEYS
 from evaluation.runs import code_version, noise_of
 from model.loading import load_model
+from processor.components import check_unused_options
 from processor.precision import cpu_description
 from processor.presets import problems, run_preset, seed_runs
 from utils.config import Config, build_config, read_yaml, validate
@@ -99,6 +100,7 @@ def method_configs(config_dir: str, methods: Sequence[Method], paper: Optional[s
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such preset for method {method.name}")
         cfg = build_config(path, dict(overrides))
+        check_unused_options(cfg)  # an option of another method's head or loss fails here, before any training
         if tag:
             cfg = validate(cfg.copy(name=f"{cfg.name}_{tag}"), "command line: --tag")
         found.append((method, path, cfg))

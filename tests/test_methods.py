@@ -97,6 +97,7 @@ def test_a_tag_names_new_runs_and_a_table_of_their_own(tiny_root, tmp_path):
     (["--name", "x"], "--name does not apply to the methods table"),
     (["--paper", "market"], "--paper"),
     (["--seeds", "1", "1"], "--seeds lists seed 1 twice"),
+    (["--rde_similarity", "bge"], "option 'rde_similarity' is set"),  # RDE's alone: IRRA would train, then fail
 ])
 def test_bad_requests_are_one_line_and_train_nothing(tmp_path, tiny_root, capsys, args, message):
     out = tmp_path / "logs"
