@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from evaluation.curves import read_history
 from evaluation.metrics import METRIC_KEYS
 from evaluation.runs import code_version, noise_of
 from model.loading import load_model
@@ -114,12 +115,7 @@ def method_configs(config_dir: str, methods: Sequence[Method], paper: Optional[s
 
 
 def _median_epoch_seconds(run_dir: str) -> Tuple[Optional[float], int]:
-    try:
-        with open(os.path.join(run_dir, "history.json"), encoding="utf-8") as f:
-            history = json.load(f)
-        seconds = [float(r["seconds"]) for r in history if isinstance(r, dict) and "seconds" in r]
-    except (OSError, ValueError, TypeError, KeyError):
-        return None, 0
+    seconds = [float(r["seconds"]) for r in read_history(run_dir) if "seconds" in r]
     return (statistics.median(seconds) if seconds else None), len(seconds)
 
 
@@ -239,12 +235,11 @@ def run_methods(config_dir: str, seeds: Optional[Sequence[int]] = None, override
     """Train and test every chosen method's preset in turn, then write its row; the first non-zero exit code
     of a method (the others still run), else 0. The tables are rewritten after each method."""
     configs = method_configs(config_dir, select_methods(methods), paper, overrides or {}, tag)
-    for _, _, cfg in configs:
-        seed_runs(cfg, seeds, seed_given)  # a bad --seeds fails before anything trains
+    runs_of = [seed_runs(cfg, seeds, seed_given) for _, _, cfg in configs]  # a bad --seeds fails here
     start, rows, code = time.time(), [], 0
     stem = "_".join(["methods", *([paper] if paper else []), *([tag] if tag else [])])
     output_dir, dataset = configs[0][2].output_dir, configs[0][2].dataset_name
-    for method, path, cfg in configs:
+    for (method, path, cfg), runs in zip(configs, runs_of):
         preset = os.path.splitext(os.path.basename(path))[0]
         print(f"=== {method.name}: {preset}", flush=True)
         began = time.time()
@@ -257,7 +252,7 @@ def run_methods(config_dir: str, seeds: Optional[Sequence[int]] = None, override
             rows.append(MethodRow(method.name, preset, wall_seconds=time.time() - began,
                                   note=note or f"failed: exit code {result}"))
         else:
-            rows.append(method_row(method, preset, seed_runs(cfg, seeds, seed_given), time.time() - began))
+            rows.append(method_row(method, preset, runs, time.time() - began))
         header = table_header(command, dataset, time.time() - start)
         md, csv_path = write_tables(rows, output_dir, stem, header)
     print(markdown_table(rows, header), flush=True)
