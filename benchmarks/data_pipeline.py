@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import model  # noqa: F401  (registers the methods' losses and heads, whose options a preset may set)
 from datasets import dataset_from_config
 from datasets.loaders import build_train_loader, set_loader_epoch
 from utils.config import Config, build_config

@@ -9,7 +9,10 @@ test_results.json), the training seconds per epoch (the median over the run's ep
 mean over seeds), the parameters, the width of each embedding and the similarity that fuses them, the precision
 the runs trained in, the noisy-correspondence rate, and the wall time of the method's runs in this call.
 With `--tag T` the runs are named `<name>_T` and the tables `methods_T.*`, so that a second table under other
-options (`--noisy_rate 0.5`) does not find the first one's finished runs.
+options (`--noisy_rate 0.5`) does not find the first one's finished runs. With `--jobs N` (default `auto`: on the
+CPU one per core, at most 4) N runs train side by side in worker processes, each with its share of the threads
+(processor/parallel_runs.py says why that is faster on a small CPU); each run's console output then goes to
+`<output_dir>/<table>_console/<run name>.txt`.
 """
 from __future__ import annotations
 
@@ -25,11 +28,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from datasets import dataset_from_config
 from evaluation.curves import read_history
 from evaluation.metrics import METRIC_KEYS
 from evaluation.runs import code_version, noise_of
 from model.loading import load_model
 from processor.components import check_unused_options
+from processor.parallel_runs import Run, RunResult, job_count, run_side_by_side, threads_per_job
 from processor.precision import cpu_description
 from processor.presets import problems, run_preset, seed_runs
 from utils.config import Config, build_config, read_yaml, validate
@@ -210,16 +215,19 @@ def csv_table(rows: Sequence[MethodRow]) -> str:
     return out.getvalue()
 
 
-def table_header(command: str, dataset: str, seconds: float) -> List[str]:
+def table_header(command: str, dataset: str, seconds: float, jobs: int = 1) -> List[str]:
     """Where and how the table was made: the command, the data set, the CPU, torch, the commit, the date."""
     cpu = cpu_description()
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in (cpu.get("flags") or {}).items())
+    threads = (f"{jobs} runs side by side, {threads_per_job(jobs)} thread(s) each" if jobs > 1
+               else f"{torch.get_num_threads()} threads")
     return [f"# Methods on {dataset}", "",
             f"`{command}`, {utc_now()}, commit {code_version() or 'unknown'}: {seconds / 60:.1f} minutes in all.",
-            f"Machine: {cpu.get('model') or 'unknown CPU'} ({flags or 'flags unknown'}), "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}.",
+            f"Machine: {cpu.get('model') or 'unknown CPU'} ({flags or 'flags unknown'}), {threads}, "
+            f"torch {torch.__version__}.",
             "Metrics: the test split, text to image, mean ± sample std over the seeds; s/epoch: the median epoch of "
-            "each run, averaged over seeds; minutes: this command's time for the method (training and testing)."]
+            "each run, averaged over seeds; minutes: the method's runs (training and testing), summed"
+            + (" (they overlap other runs)" if jobs > 1 else "") + "."]
 
 
 def write_tables(rows: Sequence[MethodRow], output_dir: str, stem: str, header: Sequence[str]) -> Tuple[str, str]:
@@ -229,32 +237,88 @@ def write_tables(rows: Sequence[MethodRow], output_dir: str, stem: str, header: 
     return md, csv_path
 
 
-def run_methods(config_dir: str, seeds: Optional[Sequence[int]] = None, overrides: Optional[Dict] = None,
-                paper: Optional[str] = None, methods: Optional[Sequence[str]] = None, seed_given: bool = False,
-                command: str = "sh run.sh methods", tag: str = "") -> int:
-    """Train and test every chosen method's preset in turn, then write its row; the first non-zero exit code
-    of a method (the others still run), else 0. The tables are rewritten after each method."""
-    configs = method_configs(config_dir, select_methods(methods), paper, overrides or {}, tag)
-    runs_of = [seed_runs(cfg, seeds, seed_given) for _, _, cfg in configs]  # a bad --seeds fails here
-    start, rows, code = time.time(), [], 0
-    stem = "_".join(["methods", *([paper] if paper else []), *([tag] if tag else [])])
-    output_dir, dataset = configs[0][2].output_dir, configs[0][2].dataset_name
-    for (method, path, cfg), runs in zip(configs, runs_of):
+class _Table:
+    """The rows of one call, written (Markdown and CSV) each time a method's runs are all done."""
+
+    def __init__(self, configs, command: str, stem: str, jobs: int):
+        self.configs, self.command, self.stem, self.jobs = configs, command, stem, jobs
+        self.rows: List[Optional[MethodRow]] = [None] * len(configs)
+        self.start, self.code = time.time(), 0
+        self.output_dir, self.dataset = configs[0][2].output_dir, configs[0][2].dataset_name
+
+    def finish(self, index: int, runs: Sequence[Config], seconds: float, code: int, note: str = "") -> None:
+        method, path, _ = self.configs[index]
         preset = os.path.splitext(os.path.basename(path))[0]
-        print(f"=== {method.name}: {preset}", flush=True)
+        if code:
+            self.code = self.code or code
+            row = MethodRow(method.name, preset, wall_seconds=seconds, note=note or f"failed: exit code {code}")
+        else:
+            row = method_row(method, preset, runs, seconds)
+        self.rows[index] = row
+        self.paths = write_tables([r for r in self.rows if r], self.output_dir, self.stem, self.header())
+
+    def header(self) -> List[str]:
+        return table_header(self.command, self.dataset, time.time() - self.start, self.jobs)
+
+    def report(self) -> int:
+        print(markdown_table([r for r in self.rows if r], self.header()), flush=True)
+        print(f"wrote {self.paths[0]} and {self.paths[1]}", flush=True)
+        return self.code
+
+
+def _one_after_another(table: _Table, runs_of: Sequence[Sequence[Config]], seeds, seed_given: bool) -> None:
+    for index, ((method, path, cfg), runs) in enumerate(zip(table.configs, runs_of)):
+        print(f"=== {method.name}: {os.path.splitext(os.path.basename(path))[0]}", flush=True)
         began = time.time()
         try:
             result, note = run_preset(cfg, seeds, path, seed_given), ""
         except UserError as e:  # one method's failure still leaves the others' rows
             result, note = 2, str(e)
-        if result:
-            code = code or result
-            rows.append(MethodRow(method.name, preset, wall_seconds=time.time() - began,
-                                  note=note or f"failed: exit code {result}"))
-        else:
-            rows.append(method_row(method, preset, runs, time.time() - began))
-        header = table_header(command, dataset, time.time() - start)
-        md, csv_path = write_tables(rows, output_dir, stem, header)
-    print(markdown_table(rows, header), flush=True)
-    print(f"wrote {md} and {csv_path}", flush=True)
-    return code
+        table.finish(index, runs, time.time() - began, result, note)
+
+
+def _side_by_side(table: _Table, runs_of: Sequence[Sequence[Config]]) -> None:
+    jobs, owners = [], []
+    for index, ((method, path, _), runs) in enumerate(zip(table.configs, runs_of)):
+        for run in runs:
+            console = os.path.join(run.output_dir, f"{table.stem}_console", f"{run.name}.txt")
+            jobs.append(Run(f"{method.name} {run.name}", run.to_dict(), path, console))
+            owners.append(index)
+    left, seconds = [len(runs) for runs in runs_of], [0.0] * len(runs_of)
+    failed: List[Optional[RunResult]] = [None] * len(runs_of)
+
+    def done(job: int, result: RunResult) -> None:
+        index = owners[job]
+        left[index] -= 1
+        seconds[index] += result.seconds
+        state = "done" if not result.code else f"FAILED (exit code {result.code}): {result.error}"
+        print(f"=== {result.label}: {state} in {result.seconds / 60:.1f} min; console: {jobs[job].console}",
+              flush=True)
+        if result.code and failed[index] is None:
+            failed[index] = result
+        if not left[index]:
+            bad = failed[index]
+            table.finish(index, runs_of[index], seconds[index], bad.code if bad else 0, bad.error if bad else "")
+
+    print(f"=== {len(jobs)} runs, {table.jobs} side by side ({threads_per_job(table.jobs)} thread(s) each)", flush=True)
+    run_side_by_side(jobs, table.jobs, done)
+
+
+def run_methods(config_dir: str, seeds: Optional[Sequence[int]] = None, overrides: Optional[Dict] = None,
+                paper: Optional[str] = None, methods: Optional[Sequence[str]] = None, seed_given: bool = False,
+                command: str = "sh run.sh methods", tag: str = "", jobs: str = "auto") -> int:
+    """Train and test every chosen method's preset, then write its row; the first non-zero exit code of a
+    method (the others still run), else 0. The tables are rewritten as each method's runs are done. With more
+    than one job (`jobs`, see processor.parallel_runs.job_count) the runs go side by side in worker processes."""
+    configs = method_configs(config_dir, select_methods(methods), paper, overrides or {}, tag)
+    runs_of = [seed_runs(cfg, seeds, seed_given) for _, _, cfg in configs]  # a bad --seeds fails here
+    count = job_count(jobs, sum(map(len, runs_of)), configs[0][2].device)
+    stem = "_".join(["methods", *([paper] if paper else []), *([tag] if tag else [])])
+    table = _Table(configs, command, stem, count)
+    if count == 1:
+        _one_after_another(table, runs_of, seeds, seed_given)
+    else:
+        for _, _, cfg in configs:  # a generated Demo-PEDES is made here once, not by two workers at once
+            dataset_from_config(cfg, generate=True)
+        _side_by_side(table, runs_of)
+    return table.report()

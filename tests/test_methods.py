@@ -25,7 +25,7 @@ TINY_RUN = ["--pretrain_choice", "ViT-Tiny", "--img_size", "32", "16", "--text_l
 def table(tiny_root, tmp_path_factory):
     """The methods table of the four Demo presets, two seeds each, on the tiny Demo-PEDES."""
     out = tmp_path_factory.mktemp("methods") / "logs"
-    argv = ["--seeds", "1", "2", "--root_dir", tiny_root, "--output_dir", str(out), *TINY_RUN]
+    argv = ["--seeds", "1", "2", "--jobs", "2", "--root_dir", tiny_root, "--output_dir", str(out), *TINY_RUN]
     assert tool.main(argv) == 0
     return out, argv
 
@@ -68,7 +68,7 @@ def test_the_markdown_table_names_the_command_and_the_machine(table):
     out, _ = table
     text = (out / "methods.md").read_text()
     assert text.startswith("# Methods on Demo-PEDES")
-    assert "`sh run.sh methods --seeds 1 2" in text and "threads, torch" in text
+    assert "`sh run.sh methods --seeds 1 2" in text and "2 runs side by side" in text and "torch " in text
     assert "| IRRA | irra_demo | 2 |" in text and " ± " in text
 
 
@@ -76,10 +76,20 @@ def test_finished_runs_are_only_tested_again(table, capsys):
     out, argv = table
     before = {p: p.stat().st_mtime_ns for p in out.glob("Demo-PEDES/*/best.pth")}
     assert len(before) == 8
-    assert tool.main(argv + ["--methods", "PHP,rde"]) == 0
+    one_by_one = [a if a != "2" or argv[i - 1] != "--jobs" else "1" for i, a in enumerate(argv)]
+    assert tool.main(one_by_one + ["--methods", "PHP,rde"]) == 0  # one job, in this process: its output is captured
     assert {p: p.stat().st_mtime_ns for p in out.glob("Demo-PEDES/*/best.pth")} == before
     assert [r["method"] for r in read_csv(out / "methods.csv")] == ["PHP", "RDE"]
     assert "already holds a run" in capsys.readouterr().out
+
+
+def test_runs_side_by_side_write_their_console_to_a_file_each(table):
+    out, _ = table
+    consoles = sorted(p.name for p in (out / "methods_console").glob("*.txt"))
+    assert consoles == sorted(f"{name}_seed{seed}.txt" for name in ("irra_demo", "php_demo", "rde_demo", "tbps_demo")
+                              for seed in (1, 2))
+    text = (out / "methods_console" / "rde_demo_seed2.txt").read_text()
+    assert "results written to" in text and "rde_demo_seed2" in text
 
 
 def test_a_tag_names_new_runs_and_a_table_of_their_own(tiny_root, tmp_path):

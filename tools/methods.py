@@ -3,6 +3,7 @@
     python -m tools.methods --seeds 1 2 3                  the Demo presets: irra_demo, demo (PHP), rde_demo, tbps_demo
     python -m tools.methods --paper cuhk --seeds 1 2 3     the paper presets (irra_cuhk, php_cuhk, ...; data needed)
     python -m tools.methods --methods PHP,RDE --noisy_rate 0.5 --tag noise50
+    python -m tools.methods --seeds 1 2 3 --jobs 1        one run at a time, in this process, with every thread
 
 `--key value` options apply to every method's runs. Finished runs are only tested again. It writes
 logs/methods.md and methods.csv (methods_<dataset>.* with --paper, methods[_<dataset>]_<TAG>.* with --tag). The job is processor.methods.run_methods.
@@ -23,6 +24,8 @@ COMMAND = Command("sh run.sh methods", __doc__, flags=(
     Flag("methods", "a comma-separated subset: IRRA, PHP, RDE, TBPS-CLIP", metavar="NAMES"),
     Flag("tag", "name the runs <name>_<TAG> and the tables methods_<TAG>.md/.csv (a table under other options)",
          default="", metavar="TAG"),
+    Flag("jobs", "runs side by side, each with cores/N threads: auto (on the CPU one per core, at most 4; on a "
+                 "GPU 1) or N", default="auto", metavar="N"),
     DEBUG))
 
 
@@ -30,7 +33,8 @@ def main(argv) -> int:
     args = parse_command_line(COMMAND, argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     return run_methods(CONFIGS, args.seeds, args.overrides, args.paper, methods, seed_given="seed" in args.overrides,
-                       command=" ".join(["sh run.sh methods", *map(shlex.quote, argv)]), tag=args.tag)
+                       command=" ".join(["sh run.sh methods", *map(shlex.quote, argv)]), tag=args.tag,
+                       jobs=args.jobs)
 
 
 if __name__ == "__main__":
