@@ -218,9 +218,13 @@ def _from_transformers(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def normalise_clip_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """OpenAI / open_clip / transformers CLIP weights -> open_clip names, fp32, without non-weight entries."""
+    """OpenAI / open_clip / transformers CLIP weights, or a run's checkpoint -> open_clip names, fp32, without
+    non-weight entries."""
     if any(k.startswith("module.") for k in sd):
         sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):
+        # A checkpoint of this project's: another run starts from its backbone (its heads are left out).
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     if "vision_model.embeddings.patch_embedding.weight" in sd:
         sd = _from_transformers(sd)
     drop = {"input_resolution", "context_length", "vocab_size", "logit_scale", "logit_bias"}

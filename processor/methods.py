@@ -244,6 +244,7 @@ class _Table:
         self.configs, self.command, self.stem, self.jobs = configs, command, stem, jobs
         self.rows: List[Optional[MethodRow]] = [None] * len(configs)
         self.start, self.code = time.time(), 0
+        self.paths: Tuple[str, str] = ("", "")
         self.output_dir, self.dataset = configs[0][2].output_dir, configs[0][2].dataset_name
 
     def finish(self, index: int, runs: Sequence[Config], seconds: float, code: int, note: str = "") -> None:

@@ -1,5 +1,6 @@
 """The model: shapes, batch independence, every loss against hand-computed values, MoE routing, round trips."""
 import math
+import os
 import warnings
 
 import pytest
@@ -253,6 +254,19 @@ def test_unknown_published_key_is_named(tmp_path):
 def test_missing_pretrained_file_names_paths(tmp_path):
     with pytest.raises(UserError, match="ViT-B-16.pt"):
         build_backbone("ViT-B/16", (64, 32), 77, pretrained_dir=str(tmp_path))
+
+
+def test_a_run_checkpoint_gives_its_backbone_to_a_new_run(smoke_run, tmp_path):
+    """`--pretrain_choice logs/.../best.pth`: the run's backbone weights exactly, its heads left out."""
+    ckpt = os.path.join(smoke_run, "best.pth")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    assert any(not k.startswith("backbone.") for k in saved)  # the smoke run has heads too
+    cfg = build_config(os.path.join(smoke_run, "configs.yaml"))
+    clip = build_backbone(ckpt, cfg.img_size, cfg.text_length)
+    state = clip.state_dict()
+    assert set(state) == {k[len("backbone."):] for k in saved if k.startswith("backbone.")} - {"logit_scale"}
+    for key, value in state.items():
+        assert torch.equal(value, saved["backbone." + key].float()), key
 
 
 def test_backbone_from_openai_and_transformers_files(tmp_path):

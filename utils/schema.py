@@ -137,9 +137,10 @@ class Config:
     masked_token_unchanged_rate: float = _opt(0.1, "Share of chosen MLM tokens left unchanged.", minimum=0)
 
     # --- model -------------------------------------------------------------------------------------------
-    pretrain_choice: str = _opt("ViT-B/16", "Backbone weights: a file path; 'ViT-B/16' (OpenAI's ViT-B-16.pt, "
-                                            "searched in pretrained_dir and ~/.cache/clip); or an architecture "
-                                            "name for random weights ('ViT-B-16', 'ViT-Demo').")
+    pretrain_choice: str = _opt("ViT-B/16", "Backbone weights: a file path (CLIP weights, or a run's best.pth "
+                                            "or last.pth, whose backbone is taken); 'ViT-B/16' (OpenAI's "
+                                            "ViT-B-16.pt, searched in pretrained_dir and ~/.cache/clip); or an "
+                                            "architecture name for random weights ('ViT-B-16', 'ViT-Demo').")
     pretrained_dir: str = _opt("./pretrained", "Folder searched for OpenAI's CLIP files (ViT-B-16.pt).", path=True)
     stride_size: int = _opt(16, "Patch stride; must equal the patch size (kept for reference configs).", positive=True)
     temperature: float = _opt(0.02, "Contrastive temperature; logit scale = 1 / temperature (fixed unless a head "
