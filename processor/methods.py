@@ -319,7 +319,8 @@ def run_methods(config_dir: str, seeds: Optional[Sequence[int]] = None, override
     if count == 1:
         _one_after_another(table, runs_of, seeds, seed_given)
     else:
-        for _, _, cfg in configs:  # a generated Demo-PEDES is made here once, not by two workers at once
+        # A generated Demo-PEDES is made here once, not by two workers at once; each set is read once.
+        for cfg in {(c.dataset_name, c.root_dir, c.demo_seed): c for _, _, c in configs}.values():
             dataset_from_config(cfg, generate=True)
         _side_by_side(table, runs_of)
     return table.report()

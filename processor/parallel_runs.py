@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from utils.cli import integer
 from utils.errors import UserError
 
 MAX_AUTO_JOBS = 4  # several one-thread demo runs fit in memory; more rarely pays on a shared machine
@@ -50,10 +51,10 @@ def job_count(jobs: str, runs: int, device: str, cores: Optional[int] = None) ->
     the CPU; 1 on a GPU (runs on one card would contend for it). A number is obeyed."""
     if jobs != "auto":
         try:
-            count = int(jobs)
+            count = integer(str(jobs).strip())
         except ValueError:
             count = 0
-        if count < 1 or str(count) != str(jobs).strip().lstrip("+"):
+        if count < 1:
             raise UserError(f"command line: --jobs {jobs!r}: expected auto or a whole number of 1 or more")
         return count
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
