@@ -27,20 +27,24 @@ from utils.env import autocast
 
 def per_sample_losses(ctx: EpochContext) -> torch.Tensor:
     """[N, 2] TAL of every training pair for BGE and TSE, in eval mode, gathered from every process."""
-    model, cfg = ctx.model, ctx.cfg
-    model.eval()
+    ctx.model.eval()
     indices, values = [], []
     with torch.inference_mode():
         for batch in ctx.training_set():
-            images = batch["images"].to(ctx.device, non_blocking=True)
-            ids = batch["caption_ids"].to(ctx.device, non_blocking=True)
-            pids = batch["pids"].to(ctx.device, non_blocking=True)
-            with autocast(ctx.device, cfg.precision):
-                image, text = model.embed("image", images), model.embed("text", ids)
-            values.append(torch.stack([tal_per_sample(image[k], text[k], pids, cfg.tau, cfg.margin)
-                                       for k in ("global", "tse")], dim=1).float().cpu())
+            values.append(batch_losses(ctx.model, ctx.cfg, batch, ctx.device).float().cpu())
             indices.append(batch["indices"])
     return ctx.gather(torch.cat(indices), torch.cat(values))
+
+
+def batch_losses(model, cfg, batch, device: torch.device) -> torch.Tensor:
+    """[B, 2] TAL of one batch's pairs for BGE and TSE (the caller sets eval and inference mode)."""
+    images = batch["images"].to(device, non_blocking=True)
+    ids = batch["caption_ids"].to(device, non_blocking=True)
+    pids = batch["pids"].to(device, non_blocking=True)
+    with autocast(device, cfg.precision):
+        image, text = model.embed("image", images), model.embed("text", ids)
+    return torch.stack([tal_per_sample(image[k], text[k], pids, cfg.tau, cfg.margin)
+                        for k in ("global", "tse")], dim=1)
 
 
 def clean_probability(losses: np.ndarray, strong: bool) -> np.ndarray:

@@ -113,3 +113,16 @@ def test_step_ops_counts_each_phase_and_experts_run_batched(tmp_path, capsys):
     # weights per tensor is still one stack), where a loop over experts would add a dozen per expert.
     assert totals[6]["forward: php.efp"] == totals[2]["forward: php.efp"]
     assert "total" in capsys.readouterr().out
+
+
+def test_selection_pass_reports_its_share_of_an_epoch(capsys):
+    """RDE's CCD pass against the training step, at toy size: a share strictly between 0 and 1."""
+    from benchmarks import selection_pass
+    argv = ["--device", "cpu", "--arch", "ViT-Tiny", "--img_size", "32", "16", "--text_length", "16",
+            "--batch_size", "4", "--steps", "1", "--repeats", "1", "--pairs", "200", "--precision", "fp32",
+            "--config", os.path.join(ROOT, "configs", "rde_demo.yaml")]
+    assert selection_pass.main(argv) == 0
+    printed = capsys.readouterr().out
+    share = float(printed.split("selection share of an epoch of 200 pairs:")[1].split()[0])
+    assert 0 < share < 1, printed
+    assert "device cpu (" in printed and "train step" in printed
