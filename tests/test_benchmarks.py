@@ -126,3 +126,14 @@ def test_selection_pass_reports_its_share_of_an_epoch(capsys):
     share = float(printed.split("selection share of an epoch of 200 pairs:")[1].split()[0])
     assert 0 < share < 1, printed
     assert "device cpu (" in printed and "train step" in printed
+
+
+def test_step_profile_splits_a_step_into_matrix_products_and_the_rest(capsys):
+    from benchmarks import step_profile
+    args = step_profile.parse_args(["--arch", "ViT-Tiny", "--img_size", "32", "16", "--text_length", "16",
+                                    "--batch_size", "4", "--steps", "1", "--warmup", "1", "--modes", "fp32"])
+    result = step_profile.profile_step(args, "fp32")
+    assert 0 < result["matmul_ms"] < result["step_ms"]
+    assert any("mm" in name for name, _ in result["top"])
+    with pytest.raises(SystemExit):
+        step_profile.parse_args(["--modes", "fp16"])
