@@ -23,12 +23,10 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from model import build_model
 from processor.ccd import batch_losses, clean_probability, split
 from processor.precision import describe_cpu
-from processor.synthetic import training_batch
+from processor.synthetic import synthetic_setup
 from processor.trainer import Trainer
-from utils.config import build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,13 +69,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    cfg = build_config(args.config, {"pretrain_choice": args.arch, "img_size": args.img_size,
-                                     "text_length": args.text_length, "batch_size": args.batch_size,
-                                     "precision": args.precision})
-    torch.manual_seed(0)
-    model = build_model(cfg, num_classes=max(2, args.batch_size // 2)).to(device)
+    cfg, model, batch = synthetic_setup(args.config, {"pretrain_choice": args.arch, "img_size": args.img_size,
+                                                      "text_length": args.text_length, "precision": args.precision},
+                                        args.batch_size, device)
     trainer = Trainer(cfg, model, device=device)
-    batch = training_batch(cfg, args.batch_size, device)
 
     def train() -> None:
         model.train()

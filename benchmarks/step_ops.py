@@ -30,12 +30,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from model import build_model
 from model.backbone import ARCHITECTURES
-from processor.synthetic import training_batch
+from processor.synthetic import synthetic_setup
 from processor.trainer import Trainer
 from utils.cli import Command, parse_command_line
-from utils.config import build_config
 
 # Aliasing or bookkeeping operations that func.is_view does not mark; allocations launch no kernel either.
 NO_KERNEL = {"_unsafe_view", "empty", "empty_strided", "_record_function_enter_new", "_record_function_exit"}
@@ -82,11 +80,9 @@ def attribute_forward(model: torch.nn.Module, counter: OpCounter) -> List:
 def count_step(args: argparse.Namespace) -> Dict[str, Dict[str, int]]:
     device = torch.device(args.device)
     overrides = {**args.overrides, "pretrain_choice": args.arch, "img_size": args.img_size,
-                 "text_length": args.text_length, "batch_size": args.batch_size, "precision": args.precision}
-    cfg = build_config(args.config, overrides)
-    torch.manual_seed(0)
-    model = build_model(cfg, num_classes=max(2, args.batch_size // 2)).to(device).train()
-    batch = training_batch(cfg, args.batch_size, device)
+                 "text_length": args.text_length, "precision": args.precision}
+    cfg, model, batch = synthetic_setup(args.config, overrides, args.batch_size, device)
+    model.train()
     trainer = Trainer(cfg, model, device=device)
     trainer.train_step(batch)  # creates the optimizer's state
 

@@ -19,24 +19,19 @@ from typing import Dict, List, Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from model import build_model
 from processor.precision import describe_cpu
-from processor.synthetic import training_batch
+from processor.synthetic import synthetic_setup
 from processor.trainer import Trainer
-from utils.config import build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATMUL_OPS = ("mm", "matmul", "linear", "bmm", "baddbmm", "scaled_dot_product", "conv")
 
 
 def profile_step(args: argparse.Namespace, precision: str) -> Dict[str, object]:
-    cfg = build_config(args.config, {"pretrain_choice": args.arch, "img_size": args.img_size,
-                                     "text_length": args.text_length, "batch_size": args.batch_size,
-                                     "precision": precision})
-    torch.manual_seed(0)
-    model = build_model(cfg, num_classes=max(2, args.batch_size // 2))
+    cfg, model, batch = synthetic_setup(args.config, {"pretrain_choice": args.arch, "img_size": args.img_size,
+                                                      "text_length": args.text_length, "precision": precision},
+                                        args.batch_size, torch.device("cpu"))
     trainer = Trainer(cfg, model, device=torch.device("cpu"))
-    batch = training_batch(cfg, args.batch_size, torch.device("cpu"))
     model.train()
     for _ in range(args.warmup):
         trainer.train_step(batch)

@@ -44,12 +44,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from model import build_model
 from model.backbone import ARCHITECTURES, build_clip
 from processor.precision import cpu_description, describe_cpu
-from processor.synthetic import training_batch
+from processor.synthetic import synthetic_setup
 from processor.trainer import Trainer
-from utils.config import build_config
 
 MODES = ("fp32", "bf16", "fp16", "compile", "half")
 PRECISION_MODES = ("fp32", "bf16", "fp16")
@@ -102,18 +100,17 @@ def run_mode(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     precision = args.compile_precision if mode == "compile" else ("fp32" if mode == "half" else mode)
     overrides = {"pretrain_choice": args.arch, "img_size": args.img_size, "text_length": args.text_length,
-                 "batch_size": args.batch_size, "precision": precision, "grad_checkpointing": args.grad_checkpointing}
+                 "precision": precision, "grad_checkpointing": args.grad_checkpointing}
     if args.optimizer:
         overrides["optimizer"] = args.optimizer
-    cfg = build_config(args.config, overrides)
-    torch.manual_seed(0)
-    backbone = None
-    if args.attention == "default":
-        backbone = build_clip(ARCHITECTURES[args.arch], cfg.img_size, cfg.text_length, fused_attention=False)
-    model = build_model(cfg, num_classes=max(2, args.batch_size // 2), backbone=backbone).to(device)
+
+    def default_attention_backbone(cfg):
+        return build_clip(ARCHITECTURES[args.arch], cfg.img_size, cfg.text_length, fused_attention=False)
+
+    cfg, model, batch = synthetic_setup(args.config, overrides, args.batch_size, device,
+                                        backbone=default_attention_backbone if args.attention == "default" else None)
     if cfg.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
-    batch = training_batch(cfg, args.batch_size, device)
     if mode == "half":
         # The reference's approach: every weight in fp16, plain fp16 inputs, no autocast, Adam eps 1e-3.
         model.half()

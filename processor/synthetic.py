@@ -1,12 +1,14 @@
 """Synthetic training batches: random inputs of a run's shapes, for timing a step without data (the benchmarks, and
-timing the precision modes before a run)."""
+timing the precision modes before a run); `synthetic_setup` pairs one with a preset's random-weight model."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from model import build_model
 from model.registry import loss_views
+from utils.config import Config, build_config
 from utils.tokenizer import EOT_ID, SOT_ID, mask_tokens
 
 
@@ -39,3 +41,16 @@ def training_batch(cfg, batch_size: int, device: torch.device) -> Dict[str, torc
     for name in loss_views(cfg):
         batch[f"view_{name}"] = torch.randn(batch_size, 3, *cfg.img_size, generator=gen).to(device)
     return batch
+
+
+def synthetic_setup(config_file: Optional[str], overrides: Mapping[str, Any], batch_size: int, device: torch.device,
+                    backbone: Optional[Callable[[Config], torch.nn.Module]] = None
+                    ) -> Tuple[Config, torch.nn.Module, Dict[str, torch.Tensor]]:
+    """A preset's model with random weights drawn after torch.manual_seed(0), on `device`, and a training batch of its
+    shapes: what the benchmarks time. `backbone(cfg)`, when given, builds the backbone (after the seed, so its
+    weights are seeded too)."""
+    cfg = build_config(config_file, {**overrides, "batch_size": batch_size})
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=max(2, batch_size // 2),
+                        backbone=backbone(cfg) if backbone else None).to(device)
+    return cfg, model, training_batch(cfg, batch_size, device)
