@@ -200,6 +200,19 @@ def test_augmentation_reproducible_across_workers_and_epochs(tmp_path):
     assert first["images"].equal(again["images"]) and first["mlm_ids"].equal(again["mlm_ids"])
 
 
+def test_an_item_seeds_only_the_cpu_generator(tmp_path, monkeypatch):
+    """Seeding an item must not reach an accelerator's generator, which fork_rng(devices=[]) does not restore (a GPU's
+    dropout would follow the last item's seed), and costs a formatted stack trace per call where none is set up."""
+    ds = write_pngs(str(tmp_path))
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    item = ImageTextDataset(ds.train, build_transforms((32, 16), True, True), 16, mlm=True, seed=1)
+    item.set_epoch(1)
+    first = item[2]
+    item[0]
+    assert calls == [] and item[2]["images"].equal(first["images"])
+
+
 def test_eval_loaders_keep_file_order(tmp_path):
     ds = write_pngs(str(tmp_path))
     img_loader, txt_loader = build_eval_loaders(small_cfg(), ds.test)
