@@ -139,7 +139,8 @@ class ImageTextDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also reseed every accelerator's generator (which
             # fork_rng(devices=[]) does not restore, so dropout on a GPU would follow the last item's seed) and, where
-            # none is initialised, queue that call with a formatted stack trace: 0.5 ms an item, 2.4 s a demo epoch.
+            # none is initialised, queue that call with a formatted stack trace: 0.23 ms an item, 1.1 s a demo epoch
+            # (benchmarks/README.md).
             torch.default_generator.manual_seed(item_seed(self.seed, self.epoch, index))
             item["images"] = self.transform(img) if self.transform is not None else img
             caption_ids = self._caption(index)
