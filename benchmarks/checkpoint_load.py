@@ -20,26 +20,21 @@ from unittest import mock
 
 import torch
 
-from model import build_model, load_model
-from processor.trainer import Trainer
+from model import load_model
+from processor.synthetic import stepped_checkpoint
 from utils import checkpoint as checkpoint_module
 from utils.checkpoint import save_checkpoint
-from utils.config import build_config, save_config
+from utils.config import save_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_run(folder: str, config: str) -> str:
     """A run folder of the paper-size PHP model with random weights; its configs.yaml."""
-    cfg = build_config(config, {"pretrain_choice": "ViT-B-16", "name": "bench", "output_dir": folder})
-    model = build_model(cfg)
-    trainer = Trainer(cfg, model)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    trainer.optimizer.step()  # Adam's moments exist, as in a real checkpoint
+    cfg, state = stepped_checkpoint(config, {"output_dir": folder})
     os.makedirs(folder, exist_ok=True)
     save_config(cfg, os.path.join(folder, "configs.yaml"))
-    save_checkpoint(trainer.state(1), os.path.join(folder, "best.pth"))
+    save_checkpoint(state, os.path.join(folder, "best.pth"))
     return os.path.join(folder, "configs.yaml")
 
 

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from datasets import dataset_from_config
@@ -34,6 +35,7 @@ from model.loading import RUN_FILES, CompatibilityWarning, LoadedRun
 from utils.config import Config, config_from_values, read_yaml
 from utils.env import resolve_device
 from utils.errors import UserError
+from utils import isolation
 from utils.files import write_atomic
 from utils.provenance import git_state, sha256_file
 from utils.runlock import FolderBusy, RunLock
@@ -102,10 +104,16 @@ def run_config(run: str, overrides: Dict[str, Any]) -> Config:
     """The run's options (its configs.yaml, its plug-ins imported, then `overrides`), read without its checkpoint:
     enough to find its data."""
     path = config_path(run)
+    return config_from_values(run_values(run), path, overrides, path, check=False)
+
+
+def run_values(run: str) -> Dict[str, Any]:
+    """The values of the run's config file, TBPS-CLIP's nested ones translated (nothing imported)."""
+    path = config_path(run)
     values = read_yaml(path)
     if looks_like_tbps_config(values):  # TBPS-CLIP's nested config.yaml: its meaning here
         values = translate_published_config(values, TBPS, path)
-    return config_from_values(values, path, overrides, path, check=False)
+    return values
 
 
 def load_run(run: str, request: EvaluationRequest, device: str, compat: str) -> LoadedRun:
@@ -154,6 +162,16 @@ class SplitCache:
         if isinstance(value, str):
             raise UserError(value)
         return value
+
+    def share(self, run: str, request: EvaluationRequest) -> "SplitCache":
+        """A cache holding only `run`'s split, for a process of its own. The split is read here (once for the
+        runs that share it) when reading the run's options imports nothing; a run with plug-ins reads it there,
+        so that its plug-ins never run in this process."""
+        part = SplitCache()
+        if not request.overrides.get("custom_imports") and not run_values(run).get("custom_imports"):
+            self.get(run_config(run, request.overrides))
+            part._splits = self._splits
+        return part
 
 
 def compat_modes(run: LoadedRun, requested: str) -> List[str]:
@@ -267,25 +285,43 @@ def evaluate_folder(run: str, request: EvaluationRequest, cache: SplitCache, dev
         rows = [Row(label, cfg.dataset_name, mode, {k: float(results[mode][k]) for k in METRICS},
                     "; ".join(n for n in [mode_note(mode, cfg, results[mode]), *changes] if n), commit=code_version(),
                     checkpoint=checkpoint[:12], experiment=experiment, name=cfg.name, seed=cfg.seed,
-                    checkpoint_sha256=checkpoint, noise=noise_of(cfg)) for mode in modes]
+                    checkpoint_sha256=checkpoint, noise=noise_of(cfg, run_dir, loaded.trained_with))
+                for mode in modes]
         tested = log_evaluations(run_dir, checkpoint, rows)
     for row in rows:
         row.tested = tested
     return rows
 
 
-def noise_of(cfg: Config) -> str:
-    """The summary's noise cell: the noisy_rate a run trained with, its noisy_file's name too; '' when clean."""
-    if cfg.noisy_file:
-        return f"{cfg.noisy_rate:g} ({os.path.basename(cfg.noisy_file)})"
-    return f"{cfg.noisy_rate:g}" if cfg.noisy_rate > 0 else ""
+def noise_of(cfg: Config, run_dir: Optional[str] = None, trained_with: Optional[Dict[str, Any]] = None) -> str:
+    """The summary's noise cell: the noisy_rate a run trained with, '' when clean. With a noisy_file, the file
+    decides (noisy_rate may say 0): the rate its checkpoint records (`trained_with`, its provenance), else the
+    share of noisy pairs in the run's noisy_pairs.npy (runs that predate the record), '?' when neither is there;
+    the file's name follows."""
+    if not cfg.noisy_file:
+        return f"{cfg.noisy_rate:g}" if cfg.noisy_rate > 0 else ""
+    rate = (trained_with or {}).get("noisy_rate")
+    if not isinstance(rate, (int, float)):
+        rate = recorded_noise_share(run_dir or cfg.run_dir)
+    return f"{'?' if rate is None else f'{rate:.3g}'} ({os.path.basename(cfg.noisy_file)})"
+
+
+def recorded_noise_share(run_dir: str) -> Optional[float]:
+    """The share of pairs that noisy_pairs.npy (processor/training.py) says carry another pair's caption."""
+    try:
+        permutation = np.load(os.path.join(run_dir, "noisy_pairs.npy"), allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if not isinstance(permutation, np.ndarray) or permutation.ndim != 1 or not len(permutation):
+        return None
+    return float(np.mean(permutation != np.arange(len(permutation))))
 
 
 def failed_row(run: str, request: EvaluationRequest, message: str) -> Row:
     """A row that says why `run` was not evaluated (with its data set when the config could be read)."""
     dataset = ""
-    try:
-        dataset = run_config(run, request.overrides).dataset_name
+    try:  # the file's value: reading the run's config in full would import its plug-ins here
+        dataset = str(request.overrides.get("dataset_name") or run_values(run).get("dataset_name", Config().dataset_name))
     except UserError:
         pass
     return Row(run_label(run), dataset, request.compat, None, f"error: {message}")
@@ -296,13 +332,16 @@ def evaluate_folders(request: EvaluationRequest) -> List[Row]:
     runs = runs_to_evaluate(request.runs)
     device = str(resolve_device(str(request.overrides.get("device", "auto"))))
     cache = SplitCache()
+    # Several runs are each evaluated in a process of their own: no file of one run can change another's numbers.
+    isolate = len(runs) > 1 and not request.debug and isolation.available()
     rows: List[Row] = []
     with warnings.catch_warnings():
         # Every run evaluated in php_v1 mode warns, not only the first one (Python shows a warning once per line).
         warnings.simplefilter("always", CompatibilityWarning)
         for run in runs:
             try:
-                rows.extend(evaluate_folder(run, request, cache, device))
+                rows.extend(isolation.call_isolated(evaluate_folder, run, request, cache.share(run, request), device)
+                            if isolate else evaluate_folder(run, request, cache, device))
             except Exception as e:  # noqa: BLE001 - one broken run must not stop the others
                 message = failure_message(e, request.debug)
                 logger.error("%s: %s", run_label(run), message)

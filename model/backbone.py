@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from model.attention import use_tower_attention
+from utils.checkpoint import read_checkpoint
 from utils.errors import UserError
 
 logger = logging.getLogger("php.model")
@@ -107,11 +107,11 @@ def compile_blocks(clip: CLIP) -> None:
         block.compile()
 
 
-def shape_from_state_dict(sd: Dict[str, torch.Tensor], prefix: str = "") -> ClipShape:
+def shape_from_state_dict(sd: Dict[str, torch.Tensor], prefix: str = "", source: str = "checkpoint") -> ClipShape:
     """Read the backbone's sizes from OpenAI/open_clip-named weights (optionally under `prefix`)."""
     def get(key):
         if prefix + key not in sd:
-            raise UserError(f"checkpoint has no '{prefix + key}': not a CLIP ViT state dict")
+            raise UserError(f"{source} has no '{prefix + key}': not a CLIP ViT state dict")
         return sd[prefix + key]
 
     def count(tower):
@@ -148,21 +148,17 @@ def eot_features(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- weight files
 
 def _read_weight_file(path: str) -> Dict[str, torch.Tensor]:
-    """A state dict from an OpenAI TorchScript archive, a torch state dict or checkpoint, or safetensors."""
+    """A state dict from an OpenAI TorchScript archive (its tensors, its code never run), a torch state dict or
+    checkpoint (weights only, checksums verified), or safetensors."""
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            is_script = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-        if is_script:
-            # OpenAI's release is a TorchScript archive: only its tensors are kept.
-            return {k: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means we refuse the file
-        raise UserError(f"{path}: cannot be read as weights with weights_only=True "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable safetensors file ({(str(e).splitlines() or [''])[0][:120]})"
+                            ) from None
+    obj = read_checkpoint(path, torchscript=True)
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -220,13 +216,20 @@ def _from_transformers(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def normalise_clip_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """OpenAI / open_clip / transformers CLIP weights, or a run's checkpoint -> open_clip names, fp32, without
-    non-weight entries."""
+    """OpenAI / open_clip / transformers CLIP weights, or a run's checkpoint (this project's, IRRA-style or
+    TBPS-CLIP's) -> open_clip names, fp32, without non-weight entries."""
     if any(k.startswith("module.") for k in sd):
         sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    if any(k.startswith("backbone.") for k in sd):
-        # A checkpoint of this project's: another run starts from its backbone (its heads are left out).
-        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    for prefix in ("backbone.", "base_model."):
+        if any(k.startswith(prefix) for k in sd):
+            # A run of this project's, or an IRRA-style one (SPEC 17): another run starts from its backbone (its
+            # heads are left out).
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    if any(k.startswith("encode_text.") for k in sd) and any(k.startswith("visual.") for k in sd):
+        # TBPS-CLIP's run: CLIP's text tower under `encode_text`, its own heads beside the towers
+        sd = {k[len("encode_text."):] if k.startswith("encode_text.") else k: v for k, v in sd.items()
+              if k.startswith(("encode_text.", "visual."))}
     if "vision_model.embeddings.patch_embedding.weight" in sd:
         sd = _from_transformers(sd)
     drop = {"input_resolution", "context_length", "vocab_size", "logit_scale", "logit_bias"}
@@ -244,6 +247,14 @@ def resize_positional_embedding(pos: torch.Tensor, grid: Tuple[int, int]) -> tor
     patches = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     patches = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False)
     return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)], dim=0)
+
+
+def resize_text_positions(pos: torch.Tensor, length: int) -> torch.Tensor:
+    """A [L0, C] text position table for `length` tokens: its first rows when shorter (CLIP's own cut), else
+    1-D linear interpolation along the positions, align_corners false (SPEC 16)."""
+    if length <= pos.shape[0]:
+        return pos[:length]
+    return F.interpolate(pos.t().unsqueeze(0), size=length, mode="linear", align_corners=False)[0].t().contiguous()
 
 
 def resolve_pretrained_path(choice: str, pretrained_dir: str) -> Optional[str]:
@@ -273,12 +284,14 @@ def build_backbone(pretrain_choice: str, img_size: Sequence[int], context_length
         logger.warning("backbone %s starts from random weights (no pretrained CLIP)", pretrain_choice)
         return build_clip(ARCHITECTURES[pretrain_choice], img_size, context_length)
     sd = normalise_clip_state_dict(_read_weight_file(path))
-    shape = shape_from_state_dict(sd)
+    shape = shape_from_state_dict(sd, source=path)
     clip = build_clip(shape, img_size, context_length)
     sd["visual.positional_embedding"] = resize_positional_embedding(sd["visual.positional_embedding"],
                                                                     clip.visual.grid_size)
-    if context_length < sd["positional_embedding"].shape[0]:
-        sd["positional_embedding"] = sd["positional_embedding"][:context_length]
+    if context_length != sd["positional_embedding"].shape[0]:
+        logger.info("text positions of %s: %d rows %s to %d", path, sd["positional_embedding"].shape[0],
+                    "cut" if context_length < sd["positional_embedding"].shape[0] else "interpolated", context_length)
+        sd["positional_embedding"] = resize_text_positions(sd["positional_embedding"], context_length)
     missing, unexpected = clip.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise UserError(f"{path}: does not match a CLIP ViT (missing {sorted(missing)[:3]}, unexpected "

@@ -54,3 +54,16 @@ def synthetic_setup(config_file: Optional[str], overrides: Mapping[str, Any], ba
     model = build_model(cfg, num_classes=max(2, batch_size // 2),
                         backbone=backbone(cfg) if backbone else None).to(device)
     return cfg, model, training_batch(cfg, batch_size, device)
+
+
+def stepped_checkpoint(config: str, overrides: Optional[Dict[str, Any]] = None) -> Tuple[Config, Dict[str, Any]]:
+    """(the config, the checkpoint a run of it writes) for the preset's random-weight model after one optimizer
+    step with zero gradients: Adam's moments exist, as in a real checkpoint (the checkpoint benchmarks)."""
+    from processor.trainer import Trainer  # the trainer imports this module
+    cfg = build_config(config, {"pretrain_choice": "ViT-B-16", "name": "bench", **(overrides or {})})
+    model = build_model(cfg)
+    trainer = Trainer(cfg, model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    return cfg, trainer.state(1)

@@ -16,6 +16,7 @@ import os
 import pickle
 import pickletools
 import re
+import zipfile
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 import warnings
@@ -23,7 +24,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from utils import safe_unpickle
+from utils import safe_unpickle, tensor_archive
 
 from utils.errors import UserError
 from utils.files import remove_orphan_temps, write_atomic
@@ -79,13 +80,21 @@ def verify_in_background(ckpt: Any, path: str) -> Future:
         pool.shutdown(wait=False)
 
 
-def read_checkpoint(path: str, trusted: bool = False, verify: bool = True) -> Any:
+def read_checkpoint(path: str, trusted: bool = False, verify: bool = True, torchscript: bool = False) -> Any:
     """Load a checkpoint on the CPU, its weights verified against their checksums when it has them (unless
-    `verify` is off: the caller verifies, see verify_in_background); errors name the file and what is wrong."""
+    `verify` is off: the caller verifies, see verify_in_background); errors name the file and what is wrong.
+    With `torchscript`, a TorchScript archive is read too, as its state dict, without running its code."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = _load(path, trusted)
+        if torchscript and tensor_archive.is_torchscript(path):
+            ckpt = tensor_archive.script_state_dict(path)
+        else:
+            ckpt = _load(path, trusted)
+        if not trusted:
+            check_tensor_sizes(ckpt)
+    except safe_unpickle.Refused as e:
+        raise UserError(f"{path}: {e}") from None
     except pickle.UnpicklingError as e:
         # The restricted unpickler names the first class it would have had to import.
         needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
@@ -101,9 +110,10 @@ def read_checkpoint(path: str, trusted: bool = False, verify: bool = True) -> An
 
 
 def _load(path: str, trusted: bool) -> Any:
-    """torch.load on the CPU: weights only unless `trusted`; a file refused only for the harmless types that
-    utils/safe_unpickle.py reads (a TBPS-CLIP checkpoint's EasyDict config and numpy scalars) is read again
-    through that allow-list, with those types as plain ones."""
+    """torch.load on the CPU: weights only unless `trusted`; a zip archive refused only for the harmless types
+    that utils/safe_unpickle.py also reads (a TBPS-CLIP checkpoint's EasyDict config and numpy scalars) is read
+    again by utils/tensor_archive.py, with those types as plain ones. torch's legacy (pre-zip) format is never
+    read that way: it is refused, as every path that could unpickle it beyond torch's weights-only loader."""
     with warnings.catch_warnings():
         # A plain pickle.dump file makes torch warn about its protocol before refusing it; the refusal says it.
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -113,8 +123,31 @@ def _load(path: str, trusted: bool) -> Any:
             needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
             if trusted or needed is None or needed.group(1) not in safe_unpickle.EXTRA:
                 raise
-        return safe_unpickle.plain(torch.load(path, map_location="cpu", weights_only=False,
-                                              pickle_module=safe_unpickle))
+    if not zipfile.is_zipfile(path):
+        raise safe_unpickle.Refused(
+            f"refused: a checkpoint in torch's legacy (pre-1.6) format that needs '{needed.group(1)}', which only "
+            f"full unpickling reads in that format; re-save it with torch.save in a session you trust, or pass "
+            f"{TRUST_FLAG} if you trust the file")
+    return tensor_archive.load(path)
+
+
+def check_tensor_sizes(obj: Any) -> None:
+    """Refuse a tensor larger than its storage (a zero-stride view): any later copy of it would allocate what
+    the file never held, so a few bytes could ask for terabytes."""
+    pending, seen = [obj], 0
+    while pending:
+        item = pending.pop()
+        seen += 1
+        if seen > 10_000_000:
+            raise safe_unpickle.Refused("refused: more than 10 million objects")
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif torch.is_tensor(item) and item.numel() and not item.is_sparse and \
+                item.numel() * item.element_size() > item.untyped_storage().nbytes():
+            raise safe_unpickle.Refused(f"refused: a tensor of size {list(item.shape)} over a storage of "
+                                        f"{item.untyped_storage().nbytes()} bytes (a view larger than its data)")
 
 
 def _what_pickle_needs(path: str) -> str:

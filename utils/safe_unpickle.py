@@ -1,93 +1,324 @@
-"""Reading checkpoints that torch's weights-only loader refuses only for a few harmless types, without arbitrary
-unpickling: an unpickler that resolves an allow-list of globals and nothing else.
+"""A restricted unpickler: it builds data (numbers, strings, containers, tensors from the archive's storages) and
+nothing else, so a file can neither run code nor change anything outside the objects it builds.
 
-TBPS-CLIP's `checkpoint_best.pth` (SPEC 13) holds its config as an `easydict.EasyDict` (a dict subclass, which
-the weights-only loader cannot fill) and its optimizer's per-group lr as numpy.float64 scalars. Here:
-- `easydict.EasyDict` is rebuilt as a plain dict (nested ones too);
-- a numpy scalar (`numpy.core.multiarray.scalar` / `numpy._core.multiarray.scalar`, with `numpy.dtype` and the
-  `_codecs.encode` of its bytes) becomes the Python number it holds, for numeric dtypes only;
-- torch's own tensor and storage rebuilding, `collections.OrderedDict` and `torch.device` resolve as in torch.
-Any other global is refused with an UnpicklingError naming it, before anything of it runs.
+It is the pure-Python `pickle._Unpickler` with its opcode table cut down, as torch's weights-only unpickler is:
+- a global resolves only through `ALLOWED` (torch's tensor layout, `OrderedDict`, `torch.Size`, `torch.device`,
+  and the few harmless types of published checkpoints), always to a function of this module or a constructor
+  that builds a value; never to an object a file could then modify;
+- REDUCE calls only those; NEWOBJ makes only the stand-in types (`AttrDict` for `easydict.EasyDict`, a
+  `ScriptObject` per TorchScript class); BUILD sets state only on them (and `_metadata` on an `OrderedDict`, as
+  torch's state dicts carry); INST, OBJ, NEWOBJ_EX, EXT*, out-of-band buffers and text persistent ids are
+  refused;
+- APPEND / SETITEM / ADDITEMS fill only a list, a dict or a set;
+- the memo is a dict bounded by the size of the pickle (a genuine pickler numbers its memo entries from 0, one
+  opcode each), so a six-byte `LONG_BINPUT 2**30` costs nothing;
+- a tensor is a view of one of the archive's storages (`tensor_archive`), its offset, sizes and strides inside
+  it and no larger than it (no zero-stride view of a terabyte), without metadata bits (neg, conj) or hooks.
+Every refusal is a `Refused` (an UnpicklingError) that names what was refused.
 
-`torch.load(path, weights_only=False, pickle_module=utils.safe_unpickle)` uses it: torch then unpickles through
-this module's `Unpickler` (its `find_class` is the only way a pickle reaches code), never through `pickle`'s.
+TBPS-CLIP's `checkpoint_best.pth` (SPEC 13) is why the allow-list goes beyond torch's weights-only one: its config
+is an `easydict.EasyDict` (read as a plain dict) and its optimizer's lr values are numpy.float64 scalars (read as
+Python floats, for numeric dtypes only, through `numpy.dtype` and `_codecs.encode` with latin-1).
 """
 from __future__ import annotations
 
 import codecs
 import collections
+import math
 import pickle
-from typing import Any, Callable, Dict, Tuple
+import pickletools
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-load = pickle.load  # torch.load checks that the module has these
-dump = pickle.dump
+
+class Refused(pickle.UnpicklingError):
+    """The pickle asks for something the restricted unpickler does not do; the message names it."""
 
 
-class _AttrDict(dict):
-    """Stands in for easydict.EasyDict while unpickling (its attributes mirror its items; they are dropped)."""
+class AttrDict(dict):
+    """Stands in for easydict.EasyDict (its attributes mirror its items; they are dropped)."""
 
-    def __setstate__(self, state) -> None:
-        pass
+
+@dataclass(frozen=True)
+class Stored:
+    """One storage of a tensor archive, as a persistent id names it (utils/tensor_archive.py reads them)."""
+    untyped: torch.UntypedStorage
+    dtype: torch.dtype
+    numel: int
+
+
+class ScriptObject:
+    """Stands in for an object of a TorchScript class (`__torch__.*`): its pickled state, never its code."""
+
+    qualified_name = ""
+
+    def __init__(self) -> None:
+        self.state: Any = None
 
 
 def _dtype(*args) -> np.dtype:
-    kind = np.dtype(args[0]).kind if args else "O"
-    if kind not in "biufc":
-        raise pickle.UnpicklingError(f"refused: a numpy dtype of kind {kind!r} (only numbers are read)")
-    return np.dtype(*args)
+    if not args or not isinstance(args[0], str) or not all(isinstance(a, (bool, int)) for a in args[1:]):
+        raise Refused(f"refused: numpy.dtype{args!r:.60} (only a dtype named by a string is read)")
+    dtype = np.dtype(args[0])
+    if dtype.kind not in "biufc" or dtype.subdtype is not None:
+        raise Refused(f"refused: the numpy dtype {args[0]!r} (only numeric dtypes are read)")
+    return dtype
 
 
-def _scalar(dtype: np.dtype, data: Any = None):
+def _scalar(dtype: Any, data: Any = None):
     if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or not isinstance(data, (bytes, str)):
-        raise pickle.UnpicklingError("refused: a numpy scalar that is not a number")
+        raise Refused(f"refused: a numpy scalar of {dtype!r:.40} (only numbers are read)")
     raw = data.encode("latin1") if isinstance(data, str) else data
+    if len(raw) != dtype.itemsize:
+        raise Refused(f"refused: a numpy {dtype} scalar of {len(raw)} bytes")
     return np.frombuffer(raw, dtype=dtype, count=1)[0].item()
 
 
-def _encode(text: str, encoding: str = "utf-8") -> bytes:
-    if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refused: _codecs.encode with {encoding!r}")
+def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise Refused(f"refused: _codecs.encode with the codec {encoding!r:.40} (only latin-1 is read)")
     return codecs.encode(text, encoding)
 
 
+def _ints(value: Any, what: str) -> Tuple[int, ...]:
+    if not isinstance(value, tuple) or len(value) > 64 or not all(type(v) is int and v >= 0 for v in value):
+        raise Refused(f"refused: a tensor whose {what} is {value!r:.60} (non-negative integers expected)")
+    return value
+
+
+def _no_extras(hooks: Any, metadata: Any = None) -> None:
+    if hooks or metadata:  # a hook or a metadata bit (neg, conj) would make a tensor behave unlike its data
+        raise Refused("refused: a tensor with backward hooks or metadata bits")
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                    hooks: Any = None, metadata: Any = None) -> torch.Tensor:
+    """torch._utils._rebuild_tensor_v2's layout, checked: the view lies inside its storage and is not larger."""
+    if not isinstance(storage, Stored):
+        raise Refused("refused: a tensor whose storage is not one of the archive's")
+    size, stride = _ints(size, "size"), _ints(stride, "stride")
+    if type(offset) is not int or offset < 0 or len(size) != len(stride) or not isinstance(requires_grad, bool):
+        raise Refused(f"refused: a tensor with offset {offset!r:.30}, size {size} and stride {stride}")
+    _no_extras(hooks, metadata)
+    numel = math.prod(size)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if numel else offset - 1
+    if numel > storage.numel or last >= storage.numel:
+        raise Refused(f"refused: a tensor of size {list(size)} (offset {offset}, stride {list(stride)}) outside or "
+                      f"larger than its storage of {storage.numel} elements")
+    tensor = torch.empty((0,), dtype=storage.dtype).set_(storage.untyped, offset, size, stride)
+    tensor.requires_grad_(requires_grad and tensor.is_floating_point())
+    return tensor
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any) -> torch.nn.Parameter:
+    if not torch.is_tensor(data) or not isinstance(requires_grad, bool):
+        raise Refused("refused: a parameter that does not hold a tensor")
+    _no_extras(hooks)
+    return torch.nn.Parameter(data, requires_grad=requires_grad)
+
+
+def _ordered_dict(*args) -> collections.OrderedDict:
+    if args:
+        raise Refused("refused: OrderedDict with arguments")
+    return collections.OrderedDict()
+
+
+def _size(*args) -> torch.Size:
+    if len(args) != 1:
+        raise Refused("refused: torch.Size with other arguments than a tuple")
+    return torch.Size(_ints(tuple(args[0]) if isinstance(args[0], (tuple, list)) else args[0], "size"))
+
+
+def _device(*args) -> torch.device:
+    if not args or len(args) > 2 or not isinstance(args[0], str) or not all(type(a) is int for a in args[1:]):
+        raise Refused(f"refused: torch.device{args!r:.40}")
+    return torch.device(*args)
+
+
+def _same(value: Any, *_) -> Any:
+    """torch.jit._pickle's list builders and type tags: the value they are given."""
+    return value
+
+
 ALLOWED: Dict[Tuple[str, str], Callable] = {
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch", "Size"): torch.Size,
-    ("torch", "device"): torch.device,
-    ("easydict", "EasyDict"): _AttrDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): _ordered_dict,
+    ("torch", "Size"): _size,
+    ("torch", "device"): _device,
+    ("easydict", "EasyDict"): AttrDict,
     ("numpy", "dtype"): _dtype,
     ("numpy.core.multiarray", "scalar"): _scalar,
     ("numpy._core.multiarray", "scalar"): _scalar,
     ("_codecs", "encode"): _encode,
 }
+SCRIPT_HELPERS = {("torch.jit._pickle", name): _same for name in (
+    "build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "build_list", "restore_type_tag")}
 # The globals beyond the weights-only loader's that this module reads (what makes a refused file worth a retry).
 EXTRA = {f"{m}.{n}" for m, n in ALLOWED if m in ("easydict", "numpy", "numpy.core.multiarray",
                                                   "numpy._core.multiarray", "_codecs")}
+_CALLABLE = set(ALLOWED.values()) | {_same}
 
 
-class Unpickler(pickle.Unpickler):
+class StorageType:
+    """What a pickled `torch.<X>Storage` global stands for: the dtype of the storage's elements."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+
+STORAGE_TYPES = {name: StorageType(dtype) for name, dtype in (
+    ("DoubleStorage", torch.float64), ("FloatStorage", torch.float32), ("HalfStorage", torch.float16),
+    ("BFloat16Storage", torch.bfloat16), ("LongStorage", torch.int64), ("IntStorage", torch.int32),
+    ("ShortStorage", torch.int16), ("CharStorage", torch.int8), ("ByteStorage", torch.uint8),
+    ("BoolStorage", torch.bool), ("ComplexDoubleStorage", torch.complex128),
+    ("ComplexFloatStorage", torch.complex64), ("UntypedStorage", torch.uint8))}
+
+
+_OPCODES = {op.name: op.code.encode("latin1")[0] for op in pickletools.opcodes}
+
+
+class Unpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """The restricted unpickler (see the module's docstring). `persistent_load` is set by the archive reader;
+    `script` lets `__torch__.*` globals through as ScriptObject classes (a TorchScript archive's data)."""
+
+    def __init__(self, file, size: int, persistent_load: Optional[Callable] = None, script: bool = False) -> None:
+        super().__init__(file, encoding="utf-8")
+        self.memo_limit = max(size, 16)
+        self.loader = persistent_load
+        self.script = script
+        self.script_classes: Dict[str, type] = {}
+
     def find_class(self, module: str, name: str):
-        found = ALLOWED.get((module, name))
-        if found is None:
-            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
-        return found
+        found = ALLOWED.get((module, name)) or (SCRIPT_HELPERS.get((module, name)) if self.script else None)
+        if found is not None:
+            return found
+        if module == "torch" and name in STORAGE_TYPES:
+            return STORAGE_TYPES[name]
+        if self.script and (module == "__torch__" or module.startswith("__torch__.")):
+            key = f"{module}.{name}"
+            if key not in self.script_classes:
+                self.script_classes[key] = type(name, (ScriptObject,), {"qualified_name": key})
+            return self.script_classes[key]
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self.loader is None or not isinstance(pid, tuple):
+            raise Refused(f"refused: a persistent id {pid!r:.60} outside a tensor archive")
+        return self.loader(pid)
+
+    # ------------------------------------------------------------------ opcodes that call, make or fill objects
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if not any(func is allowed for allowed in _CALLABLE) or not isinstance(args, tuple):
+            raise Refused(f"refused: calling {getattr(func, '__name__', type(func).__name__)!r:.60}")
+        self.stack[-1] = func(*args)
+
+    def load_newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if not (cls is AttrDict or (isinstance(cls, type) and issubclass(cls, ScriptObject))) or args != ():
+            raise Refused(f"refused: making an object of {getattr(cls, '__name__', type(cls).__name__)!r:.60}")
+        self.append(cls())
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if type(inst) is AttrDict:
+            return  # EasyDict's attributes repeat its items
+        if isinstance(inst, ScriptObject) and inst.state is None:
+            inst.state = state
+            return
+        if type(inst) is collections.OrderedDict and isinstance(state, dict) and set(state) <= {"_metadata"}:
+            inst.__dict__.update(state)  # a state dict's per-module versions, as torch writes them
+            return
+        if isinstance(inst, np.dtype) and isinstance(state, tuple) and len(state) == 8 and \
+                state[1] in ("<", ">", "|", "=") and state[2:] == (None, None, None, -1, -1, 0):
+            # numpy's own dtype state: only its byte order is taken (not sizes or flags, which could mis-size it)
+            self.stack[-1] = inst.newbyteorder(state[1])
+            return
+        raise Refused(f"refused: setting the state of {type(inst).__name__!r:.60}")
+
+    def _target(self, kinds: Tuple[type, ...], what: str) -> Any:
+        target = self.stack[-1]
+        if not isinstance(target, kinds):
+            raise Refused(f"refused: {what} on {type(target).__name__!r:.60}")
+        return target
+
+    def load_append(self) -> None:
+        value = self.stack.pop()
+        self._target((list,), "APPEND").append(value)
+
+    def load_appends(self) -> None:
+        items = self.pop_mark()
+        self._target((list,), "APPENDS").extend(items)
+
+    def load_setitem(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._target((dict,), "SETITEM")[key] = value
+
+    def load_setitems(self) -> None:
+        items = self.pop_mark()
+        target = self._target((dict,), "SETITEMS")
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+
+    def load_additems(self) -> None:
+        items = self.pop_mark()
+        self._target((set,), "ADDITEMS").update(items)
+
+    def _memo_put(self, index: int) -> None:
+        if index < 0 or index >= self.memo_limit:
+            raise Refused(f"refused: memo index {index} in a pickle of {self.memo_limit} bytes")
+        self.memo[index] = self.stack[-1]
+
+    def load_put(self) -> None:
+        self._memo_put(int(self.readline()[:-1]))
+
+    def load_binput(self) -> None:
+        self._memo_put(self.read(1)[0])
+
+    def load_long_binput(self) -> None:
+        self._memo_put(int.from_bytes(self.read(4), "little"))
+
+    def load_memoize(self) -> None:
+        self._memo_put(len(self.memo))
+
+    def refuse(self) -> None:
+        raise Refused("refused: a pickle opcode this reader does not run (INST, OBJ, NEWOBJ_EX, EXT, out-of-band "
+                      "buffers or a text persistent id)")
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
 
-def plain(obj: Any) -> Any:
+for _name, _method in (("REDUCE", Unpickler.load_reduce), ("NEWOBJ", Unpickler.load_newobj),
+                       ("BUILD", Unpickler.load_build), ("APPEND", Unpickler.load_append),
+                       ("APPENDS", Unpickler.load_appends), ("SETITEM", Unpickler.load_setitem),
+                       ("SETITEMS", Unpickler.load_setitems), ("ADDITEMS", Unpickler.load_additems),
+                       ("PUT", Unpickler.load_put), ("BINPUT", Unpickler.load_binput),
+                       ("LONG_BINPUT", Unpickler.load_long_binput), ("MEMOIZE", Unpickler.load_memoize),
+                       ("INST", Unpickler.refuse), ("OBJ", Unpickler.refuse), ("NEWOBJ_EX", Unpickler.refuse),
+                       ("EXT1", Unpickler.refuse), ("EXT2", Unpickler.refuse), ("EXT4", Unpickler.refuse),
+                       ("NEXT_BUFFER", Unpickler.refuse), ("READONLY_BUFFER", Unpickler.refuse),
+                       ("PERSID", Unpickler.refuse)):
+    Unpickler.dispatch[_OPCODES[_name]] = _method
+
+
+def plain(obj: Any, depth: int = 0) -> Any:
     """`obj` with every stand-in dict made a plain dict, recursively through dicts, lists and tuples."""
-    if isinstance(obj, _AttrDict):
-        return {k: plain(v) for k, v in obj.items()}
+    if depth > 200:
+        raise Refused("refused: data nested more than 200 levels deep")
     if isinstance(obj, collections.OrderedDict):
         return obj
     if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
+        return {k: plain(v, depth + 1) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [plain(v) for v in obj]
+        return [plain(v, depth + 1) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(plain(v) for v in obj)
+        return tuple(plain(v, depth + 1) for v in obj)
     return obj
