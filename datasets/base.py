@@ -181,10 +181,15 @@ def _back_translations(item: dict, captions: list, path: str, i: int) -> Optiona
     bt = item.get("captions_bt") if isinstance(item, dict) else None
     if bt is None:
         return None
-    if type(bt) is not list or len(bt) != len(captions) or not all(type(c) is str for c in bt) or not _is_text(bt):
+    if type(bt) is not list or len(bt) != len(captions) or not all(type(c) is str for c in bt):
         got = f"a list of {len(bt)}" if type(bt) is list and all(type(c) is str for c in bt) else _describe_list(bt)
         raise UserError(f"{path}: entry {i} (counting from 0): 'captions_bt' must be a list of {len(captions)} "
                         f"string(s), one back-translation per caption, got {got}")
+    if not _is_text(bt):  # one encoding for the common case; only a bad entry looks for the text at fault
+        broken = next(k for k, c in enumerate(bt) if not _is_text([c]))
+        raise UserError(f"{path}: entry {i} (counting from 0): 'captions_bt' text {broken} (counting from 0), the "
+                        f"back-translation of caption {broken}, holds a lone surrogate (e.g. \\ud800), which is not "
+                        f"text; expected UTF-8 text")
     return tuple(bt)
 
 

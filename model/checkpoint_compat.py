@@ -10,15 +10,16 @@ Ignored keys, and why:
 """
 from __future__ import annotations
 
+import math
 import os
 import re
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from utils.config import drop_retired
 from utils.schema import COMPAT_MODES  # noqa: F401 - re-exported
-from utils.errors import UserError
+from utils.errors import UserError, short_repr
 
 PROJECT, PHP_V1, IRRA, RDE, TBPS = "project", "php_v1", "irra", "rde", "tbps"
 
@@ -122,9 +123,9 @@ def translate_published_config(raw: Dict[str, Any], layout: str, source: str) ->
     mean nothing here are dropped, and the log lists them (utils.config.drop_retired)."""
     values = dict(raw)
     if layout == RDE:
-        values.update(translate_rde_config(values))  # before its retired txt_aug is dropped
+        values.update(translate_rde_config(values, source))  # before its retired txt_aug is dropped
     if layout == TBPS:
-        values = translate_tbps_config(values)
+        values = translate_tbps_config(values, source)
     values, _ = drop_retired(values, f"{source} (published {layout} run)")
     # A published run's output_dir is its own folder and resume flags are those of its training: not ours.
     for key in ("output_dir", "resume", "resume_ckpt_file"):
@@ -141,18 +142,65 @@ def translate_published_config(raw: Dict[str, Any], layout: str, source: str) ->
     return values
 
 
-def translate_rde_config(values: Dict[str, Any]) -> Dict[str, Any]:
+def translate_rde_config(values: Dict[str, Any], source: str = "configs.yaml") -> Dict[str, Any]:
     """An RDE configs.yaml in this project's terms: its `loss_names` (`TAL+sr0.3_tau0.015_margin0.1_n0.0`, the
-    hyper-parameters spelled into the name) is the `tal` loss, whose options the file also holds; `txt_aug` is the
-    caption augmentation `rde`; its noise file lay on its authors' machine (the noise rate stays, for the
-    summary)."""
-    names = [n.strip() for n in str(values.get("loss_names", "")).split("+")]
+    hyper-parameters spelled into the name) is the `tal` loss, whose options the file also holds (a key the file
+    lacks takes the name's value; a key that contradicts the name is refused: which one trained is unknown);
+    `txt_aug` is the caption augmentation `rde`; its noise file lay on its authors' machine (the noise rate stays,
+    for the summary)."""
+    loss_names = values.get("loss_names", "")
+    names = [n.strip() for n in str(loss_names).split("+")]
     if not any(n.upper() == "TAL" for n in names):
-        raise UserError(f"a published RDE run with loss_names {values.get('loss_names')!r}: only TAL runs are "
-                        f"supported (SPEC 12)")
-    return {"loss_names": "tal", "php_modules": "none",
-            "caption_augment": "rde" if values.get("txt_aug", False) else "none",
-            "noisy_file": ""}
+        raise UserError(f"{source}: option 'loss_names' is {short_repr(loss_names)}; of published RDE runs only "
+                        f"TAL runs are supported (SPEC 12)")
+    out = {"loss_names": "tal", "php_modules": "none",
+           "caption_augment": "rde" if values.get("txt_aug", False) else "none", "noisy_file": ""}
+    for key, value in rde_name_options(names, loss_names, source).items():
+        given = values.get(key)
+        if given is None:
+            out[key] = value
+            continue
+        number = _number(given)
+        if number is not None and not math.isclose(number, value, rel_tol=1e-9, abs_tol=1e-12):
+            raise UserError(f"{source}: option '{key}' is {short_repr(given)} but loss_names {short_repr(loss_names)} "
+                            f"says {key} {value:g}; which one the run trained with is unknown: make them agree")
+    return out
+
+
+# The reference's run script spells these options into loss_names:
+# TAL+sr<select_ratio>_tau<tau>_margin<margin>_n<noisy_rate>.
+_RDE_NAME_KEYS = {"sr": "select_ratio", "tau": "tau", "margin": "margin", "n": "noisy_rate"}
+_RDE_NAME_PART = re.compile(r"(sr|tau|margin|n)([0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?)")
+
+
+def rde_name_options(names: List[str], loss_names: Any, source: str) -> Dict[str, float]:
+    """{option: value} that the parts of an RDE loss_names after its losses spell (`sr0.3_tau0.015...`)."""
+    found: Dict[str, float] = {}
+    for part in names:
+        if part.upper() == "TAL":
+            continue
+        for token in part.split("_"):
+            match = _RDE_NAME_PART.fullmatch(token)
+            if match is None:
+                raise UserError(f"{source}: option 'loss_names' {short_repr(loss_names)} holds {short_repr(token)}, "
+                                f"neither TAL (the one loss of RDE runs supported) nor one of the settings RDE spells "
+                                f"into the name (sr, tau, margin or n, then a number)")
+            key, value = _RDE_NAME_KEYS[match.group(1)], float(match.group(2))
+            if key in found and found[key] != value:
+                raise UserError(f"{source}: option 'loss_names' {short_repr(loss_names)} gives {key} twice "
+                                f"({found[key]:g} and {value:g})")
+            found[key] = value
+    return found
+
+
+def _number(value: Any) -> Optional[float]:
+    """A config value as a float, None when it is not a number (the option's own check then names it)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 # Losses TBPS-CLIP switches on by a flag of the same name in its `experiment` section.
@@ -165,18 +213,15 @@ def looks_like_tbps_config(raw: Any) -> bool:
     return isinstance(raw, dict) and isinstance(raw.get("experiment"), dict) and isinstance(raw.get("schedule"), dict)
 
 
-def translate_tbps_config(raw: Dict[str, Any]) -> Dict[str, Any]:
-    """A TBPS-CLIP config (its config.yaml, nested in misc / experiment / schedule / model / data) in this project's
-    flat terms; what it names that means nothing here (device, paths on its authors' machine) is left out."""
-    def part(name: str) -> Dict[str, Any]:
-        value = raw.get(name)
-        return value if isinstance(value, dict) else {}
-
-    exp, sched, model, data = part("experiment"), part("schedule"), part("model"), part("data")
+def translate_tbps_config(raw: Dict[str, Any], source: str = "config.yaml") -> Dict[str, Any]:
+    """A TBPS-CLIP config (its config.yaml `source`, nested in misc / experiment / schedule / model / data) in this
+    project's flat terms; what it names that means nothing here (device, paths on its authors' machine) is left
+    out. A schedule value the translation computes with is checked here, naming its key as the file spells it."""
+    exp, sched, model, data, misc = (_tbps_section(raw, name, source)
+                                     for name in ("experiment", "schedule", "model", "data", "misc"))
     losses = ["nitc"] + [loss for loss in _TBPS_LOSS_FLAGS if exp.get(loss)]
-    size = exp.get("input_resolution", [224, 224])
     values: Dict[str, Any] = {
-        "img_size": [size, size] if isinstance(size, int) else list(size), "image_recipe": "tbps",
+        "img_size": _tbps_resolution(exp.get("input_resolution", [224, 224]), source), "image_recipe": "tbps",
         "text_length": exp.get("text_length", 77), "caption_augment": "tbps",
         "text_attn_dropout": exp.get("dropout", 0.05), "freeze_patch_embed": True, "php_modules": "none",
         "loss_names": "+".join(losses), "mvs_image": bool(exp.get("mvs_image", True)),
@@ -187,22 +232,70 @@ def translate_tbps_config(raw: Dict[str, Any]) -> Dict[str, Any]:
         "simclr_temperature": exp.get("simclr_temperature", 0.1), "optimizer": "AdamW", "lr_step": "iteration",
         "no_decay_1d": True, "bias_lr_factor": 1.0, "lrscheduler": "cosine", "warmup_method": "linear",
         "batch_size_scope": "per_process"}
-    lr = float(sched.get("lr", 1e-4))
-    values.update(lr=lr, num_epoch=sched.get("epoch", 5), warmup_epochs=sched.get("epoch_warmup", 1),
-                  warmup_factor=float(sched.get("lr_start", 1e-6)) / lr, target_lr=sched.get("lr_end", 5e-6),
-                  weight_decay=sched.get("weight_decay", 0.02), optimizer_eps=sched.get("eps", 1e-8))
-    betas = sched.get("betas", [0.9, 0.98])
-    values.update(alpha=betas[0], beta=betas[1])
+    values.update(_tbps_schedule(sched, source))
     for ours, theirs in (("batch_size", "batch_size"), ("test_batch_size", "test_batch_size"),
                          ("num_workers", "num_workers")):
         if theirs in data:
             values[ours] = data[theirs]
-    if isinstance(part("misc").get("seed"), int):
-        values["seed"] = part("misc")["seed"]
+    if isinstance(misc.get("seed"), int):
+        values["seed"] = misc["seed"]
     folder = os.path.basename(os.path.normpath(str(raw.get("anno_dir", ""))))
     if folder in _DATASETS:
         values["dataset_name"] = folder
     return values
+
+
+def _tbps_section(raw: Dict[str, Any], name: str, source: str) -> Dict[str, Any]:
+    """A section of a TBPS-CLIP config; one it lacks is empty (the defaults apply), one that is no mapping is an
+    error rather than a silent fall back to every default."""
+    value = raw.get(name)
+    if value is None:  # absent, or a YAML section with nothing under it
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{source}: TBPS-CLIP's '{name}' must be a mapping of its options; got {short_repr(value)}")
+    return value
+
+
+def _tbps_resolution(size: Any, source: str) -> List[Any]:
+    if isinstance(size, int) and not isinstance(size, bool):
+        return [size, size]
+    if isinstance(size, (list, tuple)):
+        return list(size)
+    raise UserError(f"{source}: experiment.input_resolution must be a size or [height, width]; got "
+                    f"{short_repr(size)}")
+
+
+def _tbps_number(sched: Dict[str, Any], name: str, default: float, source: str, positive: bool = False) -> float:
+    """schedule.<name> as a finite number (or the string of one: YAML 1.1 reads `1e-4` as a string, which the
+    reference's float() accepts); positive, or 0 and more."""
+    value = sched.get(name, default)
+    number = None
+    if not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or not math.isfinite(number) or number < 0 or (positive and number == 0):
+        expected = "a positive number" if positive else "a number, 0 or more"
+        got = "nothing (null)" if value is None else short_repr(value)
+        raise UserError(f"{source}: schedule.{name} must be {expected}; got {got}")
+    return number
+
+
+def _tbps_schedule(sched: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """The options of TBPS-CLIP's `schedule` section: lr, its per-iteration warm-up from lr_start (a factor of lr
+    here) and cosine down to lr_end, AdamW's weight decay, betas and eps."""
+    lr = _tbps_number(sched, "lr", 1e-4, source, positive=True)
+    betas = sched.get("betas", [0.9, 0.98])
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+        raise UserError(f"{source}: schedule.betas must be AdamW's two betas, [beta1, beta2], each 0 or more and "
+                        f"below 1; got {short_repr(betas)}")
+    return {"lr": lr, "num_epoch": sched.get("epoch", 5), "warmup_epochs": sched.get("epoch_warmup", 1),
+            "warmup_factor": _tbps_number(sched, "lr_start", 1e-6, source) / lr,
+            "target_lr": _tbps_number(sched, "lr_end", 5e-6, source),
+            "weight_decay": _tbps_number(sched, "weight_decay", 0.02, source),
+            "optimizer_eps": _tbps_number(sched, "eps", 1e-8, source), "alpha": betas[0], "beta": betas[1]}
 
 
 def head_sizes(state_dict: Dict[str, torch.Tensor], dim: int) -> Dict[str, Any]:

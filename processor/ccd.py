@@ -4,10 +4,12 @@ Every training pair's TAL loss is computed, in eval mode, for the global embeddi
 whole training set as the epoch will draw it (augmented; batches of the training batch size, in an order of their
 own, so each loss depends on the batch mates it falls among, as in the reference). Each set of losses is min-max
 normalised and a two-component Gaussian mixture is fitted to it (scikit-learn; max_iter 10, tol 1e-2, reg_covar
-5e-4, or max_iter 100, tol 1e-4, reg_covar 1e-6 when noisy_rate > 0.4 or on RSTPReid). A pair is clean for an
-embedding when the posterior of the lower-mean component exceeds 0.5 (when all do, the 1st percentile of the
-posteriors is the threshold instead). Clean for both: label 1; for neither: 0; for one: a fair coin. The labels are
-the sample weights `ccd` that the `tal` loss reads for the epoch.
+5e-4, or max_iter 100, tol 1e-4, reg_covar 1e-6 when the noise rate is above 0.4 or on RSTPReid; the rate is
+noisy_rate, or with a noisy_file the share of the pairs that the file gives another pair's caption). A pair is
+clean for an embedding when the posterior of the lower-mean component exceeds 0.5 (when all do, the 1st percentile
+of the posteriors is the threshold instead). Clean for both: label 1; for neither: 0; for one: a fair coin. The
+labels are the sample weights `ccd` that the `tal` loss reads for the epoch. A training split of one identity is
+refused before the run starts: TAL has no negatives there, and every pair would be dropped.
 
 Departures, each deliberate: the mixture is fitted with a fixed random_state and the coin is drawn from (seed,
 epoch), so a run and its resume choose the same pairs (the reference draws both unseeded); the selection pass
@@ -15,7 +17,7 @@ computes under the run's autocast precision rather than a model cast to fp16.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ import torch
 from model.tal import tal_per_sample
 from processor.callbacks import EpochCallback, EpochContext, register_callback
 from utils.env import autocast
+from utils.errors import UserError
 
 
 def per_sample_losses(ctx: EpochContext) -> torch.Tensor:
@@ -85,13 +88,38 @@ def selection_report(labels: torch.Tensor, clean) -> Dict[str, float]:
     return report
 
 
+def noise_rate(cfg, clean: Optional[np.ndarray]) -> float:
+    """The noise rate the run trains at: noisy_rate, or with a noisy_file (which decides alone what is applied,
+    noisy_rate 0 included) the share of the pairs it gave another pair's caption (`clean`: pi(i) = i)."""
+    if cfg.noisy_file and clean is not None and len(clean):
+        return float(np.mean(~np.asarray(clean, dtype=bool)))
+    return float(cfg.noisy_rate)
+
+
+def enabled(cfg) -> bool:
+    return "tal" in cfg.losses and cfg.rde_ccd
+
+
+def check_training_split(cfg, dataset) -> None:
+    """Refuse a training split that CCD cannot divide: with one identity every pair of a batch is a positive, TAL
+    is 0 for all of them, and the mixture fit keeps none (the run would train on nothing and still succeed)."""
+    if not enabled(cfg):
+        return
+    pids = {pair[0] for pair in dataset.train}
+    if len(pids) < 2:
+        source = getattr(dataset, "annotation_file", None) or cfg.dataset_name
+        what = f"a single identity ({len(dataset.train)} pairs)" if pids else "no pairs"
+        raise UserError(f"{source}: the training split holds {what}; RDE's consensus division (rde_ccd) needs at "
+                        f"least 2 identities, since TAL learns only against other identities' pairs")
+
+
 # Its option, rde_ccd, is the tal loss's (model/tal.py): evaluating a run must know it without the trainer.
-@register_callback("ccd", enabled=lambda cfg: "tal" in cfg.losses and cfg.rde_ccd)
+@register_callback("ccd", enabled=enabled)
 class ConsensusDivision(EpochCallback):
     def on_epoch_start(self, ctx: EpochContext) -> Dict[str, float]:
         cfg = ctx.cfg
         losses = per_sample_losses(ctx).double().numpy()
-        strong = cfg.noisy_rate > 0.4 or cfg.dataset_name == "RSTPReid"
+        strong = noise_rate(cfg, ctx.clean) > 0.4 or cfg.dataset_name == "RSTPReid"
         clean_bge, clean_tse = (split(clean_probability(losses[:, k], strong)) for k in (0, 1))
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, ctx.epoch, 0xCCD])
                                                      .generate_state(1)[0]))

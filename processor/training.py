@@ -11,11 +11,12 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from datasets import dataset_from_config
 from datasets.loaders import build_eval_loaders, build_train_loader, per_process_batch_size
-from datasets.noise import apply_noise
+from datasets.noise import NoisyPairs, apply_noise
 from evaluation.curves import plot_curves
 from evaluation.evaluator import Evaluator
 from model import build_model
@@ -132,6 +133,29 @@ def check_plugins(cfg: Config, ckpt: dict, path: str) -> None:
     logger.warning("resuming with changed plug-ins (allow_changed_plugins): %s", "; ".join(changes))
 
 
+def check_noise(cfg: Config, ckpt: dict, path: str, noisy: Optional[NoisyPairs]) -> None:
+    """A resume must apply the noise its run trained with: a noisy_file replaced since (its recorded sha256), or
+    a permutation other than the run's noisy_pairs.npy (runs that predate the record), would train on other pairs
+    and overwrite the record of the epochs done."""
+    recorded = (ckpt.get("provenance") or {}).get("noisy_file_sha256") if isinstance(ckpt, dict) else None
+    if noisy is not None and noisy.sha256 and recorded and recorded != noisy.sha256:
+        raise UserError(f"--resume: {path} was trained with noisy_file {cfg.noisy_file} of sha256 {recorded[:12]}, "
+                        f"which has changed since (now {noisy.sha256[:12]}); restore the file, or start a new run "
+                        f"with another --name")
+    saved = os.path.join(cfg.run_dir, NOISY_PAIRS)
+    if noisy is None or not os.path.isfile(saved):
+        return
+    try:
+        before = np.load(saved, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return  # unreadable: nothing to compare with, and rewriting it loses nothing
+    if not np.array_equal(before, noisy.permutation):
+        differ = int((before != noisy.permutation).sum()) if before.shape == noisy.permutation.shape else "all"
+        raise UserError(f"--resume: the noisy pairs applied now ({noisy.source}) differ from those the run trained "
+                        f"with, {saved} ({differ} of {len(noisy.permutation)} pairs differ); restore the "
+                        f"noisy_file, or start a new run with another --name")
+
+
 def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_dir: str,
            recorded: Optional[Choice] = None):
     """(the Trainer of the run, the noisy pairs it made or None): data set, noise, model, precision ('auto'
@@ -147,6 +171,7 @@ def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_di
         logger.info("%s:\n%s", cfg.dataset_name, dataset.summary())
     split = dataset.split(cfg.val_dataset, hint="set --val_holdout_ids N to hold out N training identities for "
                                                 "validation (or --val_dataset test, not recommended)")
+    ccd.check_training_split(cfg, dataset)
     noisy = apply_noise(dataset, cfg.noisy_rate, cfg.seed, cfg.noisy_file)
     if noisy is not None and rank == 0:
         logger.info("noisy correspondence (%s): %d of %d training pairs carry another pair's caption", noisy.source,
@@ -170,6 +195,9 @@ def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_di
     provenance = code_and_data(dataset.annotation_file, cfg.custom_imports) if rank == 0 else None
     if provenance is not None and choice is not None:
         provenance["precision_choice"] = choice.record()
+    if provenance is not None and noisy is not None:
+        # The rate a noisy_file gave is in no option (noisy_rate may say 0): the summary's noise column reads it here.
+        provenance.update(noisy_rate=noisy.rate, **({"noisy_file_sha256": noisy.sha256} if noisy.sha256 else {}))
     trainer = Trainer(cfg, model, train_loader, evaluator, run_dir, device, rank, world_size, provenance,
                       clean=None if noisy is None else noisy.clean)
     return trainer, noisy
@@ -188,6 +216,8 @@ def run_training(cfg: Config, rank: int, world_size: int, local_rank: int, confi
     unused = check_unused_options(cfg)
     trainer, noisy = _build(cfg, rank, world_size, device, run_dir, recorded_choice(ckpt))
     cfg = trainer.cfg  # 'auto' resolved: configs.yaml records the precision the run trains in
+    if ckpt is not None:
+        check_noise(cfg, ckpt, resume_path, noisy)
     if ckpt is not None and not trainer.restore(ckpt, resume_path):
         logger.info("%s already finished all %d epochs; nothing to do", run_dir, cfg.num_epoch)
         return TrainResult(run_dir, trainer.best_r1, trainer.best_epoch, finished_before=True)
