@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -28,7 +29,7 @@ import torch
 from processor.synthetic import training_batch
 from utils.config import Config
 from utils.env import autocast
-from utils.errors import UserError
+from utils.errors import UserError, short_repr
 from utils.files import write_atomic
 from utils.provenance import utc_now
 
@@ -43,6 +44,10 @@ MARGIN = 0.05
 WARMUP_STEPS, TIMED_STEPS, BUDGET_S = 1, 3, 8.0
 CACHE_ENV = "PHP_PRECISION_CACHE"
 CACHE_VERSION = 1
+# The key that says a JSON file is this project's cache, the one file PHP_PRECISION_CACHE may replace.
+CACHE_MARKER = "php-retrieval precision cache"
+# Far beyond any real cache (an entry is under 1 KB): a larger file is not read.
+MAX_CACHE_BYTES = 16 * 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -114,39 +119,94 @@ def _entry_id(key: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:32]
 
 
-def read_cache(path: str) -> Dict[str, dict]:
-    """The cache's entries; a missing file is empty, an unreadable or malformed one too, with a warning (the cache
-    only saves time: it must never stop a run)."""
-    if not os.path.exists(path):
-        return {}
+def _load_cache(path: str, warn: bool = True) -> Tuple[str, Dict[str, dict]]:
+    """(state, entries) of the file at `path`: state "absent" (no file), "ours" (this project's cache, whose
+    entries may be used and which may be replaced) or "foreign" (anything else: another file that
+    PHP_PRECISION_CACHE happens to name, a corrupt one, one that cannot be read), with no entries; `warn` logs
+    why a file is foreign."""
+    if not os.path.lexists(path):
+        return "absent", {}
     try:
+        if not os.path.isfile(path):
+            raise ValueError("not a regular file")
+        if os.path.getsize(path) > MAX_CACHE_BYTES:
+            raise ValueError(f"over {MAX_CACHE_BYTES} bytes")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or \
-                not isinstance(data.get("entries"), dict):
-            raise ValueError("not a precision cache of this version")
-        return data["entries"]
-    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        logger.warning("ignoring the precision cache %s (%s); it is rewritten after timing", path, e)
-        return {}
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+        return _foreign(path, f"{type(e).__name__}: {str(e)[:120]}", warn)
+    if not _is_cache(data):
+        return _foreign(path, "not a precision cache of this project", warn)
+    entries = data.get("entries")
+    if not isinstance(entries, dict):
+        if warn:
+            logger.warning("ignoring the precision cache %s (its entries are not a mapping); it is rewritten "
+                           "after timing", path)
+        return "ours", {}
+    return "ours", entries
+
+
+def _is_cache(data: Any) -> bool:
+    """Whether JSON `data` is this project's cache: it carries CACHE_MARKER, or it is exactly what version 1 wrote
+    before the marker existed ({"version": 1, "entries": ...}), so that those caches stay in use."""
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        return False
+    return data.get("format") == CACHE_MARKER or set(data) == {"version", "entries"}
+
+
+def _foreign(path: str, why: str, warn: bool) -> Tuple[str, Dict[str, dict]]:
+    if warn:
+        logger.warning("ignoring the precision cache %s (%s); it is left as it is and nothing is cached: remove "
+                       "it or point %s at another file", path, why, CACHE_ENV)
+    return "foreign", {}
+
+
+def read_cache(path: str) -> Dict[str, dict]:
+    """The cache's entries; a missing file is empty, an unreadable or foreign one too, with a warning (the cache
+    only saves time: it must never stop a run)."""
+    return _load_cache(path)[1]
+
+
+def entry_problem(entry: Any, key: Dict[str, Any]) -> Optional[str]:
+    """Why the cached `entry` cannot stand for the timing of `key` (None if it can): it must be for this key, hold
+    a finite positive time for each of TIMED, and name the precision those times choose (pick). A file anyone can
+    edit is no measurement until it adds up."""
+    if not isinstance(entry, dict) or entry.get("key") != key:
+        return "it is not for this key"
+    timings = entry.get("timings")
+    if not isinstance(timings, dict) or set(timings) != set(TIMED):
+        return f"its timings are not one for each of {', '.join(TIMED)}"
+    for mode, seconds in timings.items():
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+                or seconds <= 0:
+            return f"its {mode} time {short_repr(seconds)} is not a positive number of seconds"
+    if entry.get("precision") != pick(timings):
+        return f"it says {short_repr(entry.get('precision'))} where its own timings choose {pick(timings)}"
+    return None
 
 
 def cached_entry(path: str, key: Dict[str, Any]) -> Optional[dict]:
-    """The cache's entry for `key`, if it holds a valid one."""
+    """The cache's entry for `key`, if it holds a valid one; an invalid one is named in the log (and timed again)."""
     entry = read_cache(path).get(_entry_id(key))
-    if not isinstance(entry, dict) or entry.get("key") != key or entry.get("precision") not in TIMED:
+    if entry is None:
         return None
-    timings = entry.get("timings")
-    if not isinstance(timings, dict) or not all(isinstance(v, (int, float)) for v in timings.values()):
+    problem = entry_problem(entry, key)
+    if problem is not None:
+        logger.warning("ignoring the cached precision choice in %s (%s); timing again", path, problem)
         return None
     return entry
 
 
 def store(path: str, key: Dict[str, Any], precision: str, timings: Dict[str, float]) -> None:
-    """Add the entry for `key`, atomically. Two runs storing at once may lose one entry: it is timed again later."""
-    entries = read_cache(path)
+    """Add the entry for `key`, atomically, to the cache at `path` if it is absent or this project's cache; any
+    other file stays as it is (PHP_PRECISION_CACHE may name one by mistake; reading it warned already). Two runs
+    storing at once may lose one entry: it is timed again later."""
+    state, entries = _load_cache(path, warn=False)
+    if state == "foreign":
+        return
     entries[_entry_id(key)] = {"key": key, "precision": precision, "timings": timings, "date": utc_now()}
-    text = json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True)
+    text = json.dumps({"format": CACHE_MARKER, "version": CACHE_VERSION, "entries": entries}, indent=1,
+                      sort_keys=True)
     try:
         write_atomic(path, text, what="the precision cache", make_folder=True)
     except UserError as e:

@@ -168,6 +168,8 @@ def _check_option(opt: Option, value: Any, source: str) -> None:
             raise UserError(f"{source}: option '{opt.name}' must be positive; got {number}")
         if opt.minimum is not None and number < opt.minimum:
             raise UserError(f"{source}: option '{opt.name}' must be {opt.minimum} or more; got {number}")
+        if opt.maximum is not None and number > opt.maximum:
+            raise UserError(f"{source}: option '{opt.name}' must be {opt.maximum} or less; got {number}")
 
 
 def _rule_loss_names(get, source):
@@ -232,26 +234,39 @@ RULES = [
 ]
 
 
-def check_options(values: Dict[str, Any], source: str = "config") -> None:
+def check_options(values: Dict[str, Any], source: str = "config",
+                  origins: Optional[Dict[str, str]] = None) -> None:
     """The schema's checks of `values` (option name -> value, all of a config or a part of it): each option's
     choices and bounds, then every rule whose options are all present. The one place options are validated;
-    modules that take options from elsewhere (a checkpoint, a mapping) call it for theirs."""
+    modules that take options from elsewhere (a checkpoint, a mapping) call it for theirs. An error names where
+    the values at fault came from: `origins` (option -> its source, such as "command line"), else `source`."""
+    origins = origins or {}
     for name, value in values.items():
         opt = option(name)
         if opt is not None:
-            _check_option(opt, value, source)
+            _check_option(opt, value, origins.get(name, source))
     for keys, rule in RULES:
         if all(k in values for k in keys):
-            rule(values.__getitem__, source)
+            rule(values.__getitem__, _source_of(keys, origins, source))
 
 
-def validate(cfg: Config, source: str = "config") -> Config:
-    """Check values that types alone do not constrain; raise UserError naming the key. (Names of heads, losses
-    and data sets are checked by their registries, when the model and the data set are built.)"""
-    check_options({name: getattr(cfg, name) for name in [*CORE, *cfg.plugin_options]}, source)
-    check_run_name(cfg.name, source)
+def _source_of(keys: Sequence[str], origins: Dict[str, str], source: str) -> str:
+    """Where the values of `keys` came from, for a rule that relates them: each distinct origin among those given
+    explicitly (a file, the command line), else `source` (the defaults)."""
+    found = list(dict.fromkeys(origins[k] for k in keys if k in origins))
+    return " and ".join(found) if found else source
+
+
+def validate(cfg: Config, source: str = "config", origins: Optional[Dict[str, str]] = None) -> Config:
+    """Check values that types alone do not constrain; raise UserError naming the key and where its value came
+    from (`origins`, option -> source, else `source`). (Names of heads, losses and data sets are checked by their
+    registries, when the model and the data set are built.)"""
+    origins = origins or {}
+    check_options({name: getattr(cfg, name) for name in [*CORE, *cfg.plugin_options]}, source, origins)
+    check_run_name(cfg.name, origins.get("name", source))
     if not DEVICE_PATTERN.match(cfg.device):
-        raise UserError(f"{source}: option 'device' must be auto, cpu, cuda or cuda:N; got {short_repr(cfg.device)}")
+        raise UserError(f"{origins.get('device', source)}: option 'device' must be auto, cpu, cuda or cuda:N; got "
+                        f"{short_repr(cfg.device)}")
     return cfg
 
 
@@ -288,7 +303,9 @@ def config_from_values(values: Dict[str, Any], source: str, overrides: Optional[
     apply(cfg, values, source)
     apply(cfg, overrides, "command line")
     resolve_paths(cfg, resolved)
-    return validate(cfg, source) if check else cfg
+    # A bad value is reported where it was given: the file names only what the command line did not override.
+    origins = {**{key: source for key in values}, **{key: "command line" for key in overrides}}
+    return validate(cfg, source, origins) if check else cfg
 
 
 def resolve_paths(cfg: Config, custom_imports: List[str]) -> Config:

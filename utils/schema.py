@@ -34,18 +34,20 @@ class Option:
     choices: Optional[Tuple[Any, ...]] = None
     minimum: Optional[float] = None
     positive: bool = False
+    maximum: Optional[float] = None
     owner: str = "core"  # the plug-in that declared it
     aliases: Optional[Dict[str, Any]] = None  # values of earlier versions (as written in YAML) -> today's
     path: bool = False  # names a file or folder: a run records it as an absolute path
 
 
 def _opt(default, help: str, choices: Iterable | None = None, minimum: float | None = None,
-         positive: bool = False, aliases: Optional[Dict[str, Any]] = None, path: bool = False):
+         positive: bool = False, aliases: Optional[Dict[str, Any]] = None, path: bool = False,
+         maximum: float | None = None):
     """A schema field: its default, help text, allowed values, lower bound (`minimum`, or > 0 if `positive`),
     `aliases`, the values an earlier version wrote (keys as lower-case strings) with what they mean now, and
     whether it names a file or folder (`path`)."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "positive": positive,
-            "aliases": aliases, "path": path}
+            "aliases": aliases, "path": path, "maximum": maximum}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -64,8 +66,9 @@ class Config:
                                     "and split (docs/extending.md); image paths relative to the file's folder.",
                                 path=True)
     root_dir: str = _opt("./data", "Folder that holds the data set folders (<root_dir>/<dataset_name>/).", path=True)
+    # The samplers and the noise draw use seed % 2**63.
     seed: int = _opt(1, "Seed of every random number generator (model init, samplers, augmentation, masking).",
-                     minimum=0)
+                     minimum=0, maximum=2 ** 63 - 1)
     device: str = _opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     precision: str = _opt("fp32", "Autocast precision; master weights stay fp32. 'auto': on CUDA bf16 where the "
                                   "GPU supports it, else fp16; on the CPU the faster of fp32 and bf16, timed on the "
@@ -272,7 +275,8 @@ _HINTS = typing.get_type_hints(Config)
 CORE: Dict[str, Option] = {
     f.name: Option(f.name, _HINTS[f.name], f.default_factory() if f.default_factory is not dataclasses.MISSING
                    else f.default, f.metadata["help"], f.metadata["choices"], f.metadata["minimum"],
-                   f.metadata["positive"], aliases=f.metadata["aliases"], path=f.metadata["path"])
+                   f.metadata["positive"], aliases=f.metadata["aliases"], path=f.metadata["path"],
+                   maximum=f.metadata["maximum"])
     for f in dataclasses.fields(Config)}
 PLUGIN_OPTIONS: Dict[str, Option] = {}
 # The options that the project's own components declare through the registries (as plug-ins do): every config
