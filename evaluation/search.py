@@ -12,9 +12,10 @@ what a web page calls.
 load_runs(config_files, checkpoints=None, device="auto", compat="auto", overrides=None, trusted=False,
           cache_dir=None, no_cache=False) -> [SearchRun]
     Loads each run (model.load_model; `overrides` are config options applied to every run) and names it: its
-    `name` option with spaces replaced by '_'; runs that share a name are named by their folder instead (see
-    shown_path), numbered '#1', '#2', ... if even that is shared. Each run caches its gallery embeddings in
-    `<its folder>/cache`, or in `cache_dir` (file names tell runs apart), or nowhere with `no_cache`.
+    `name` option with spaces replaced by '_' (a published run whose config names none: its method, see run_name);
+    runs that share a name are named by their folder instead (see shown_path), numbered '#1', '#2', ... if even
+    that is shared. Each run caches its gallery embeddings in `<its folder>/cache`, or in `cache_dir` (file names
+    tell runs apart), or nowhere with `no_cache`.
 Searcher(runs, split="test", folder=None)
     The gallery is the first run's `split` (of its data set under its root_dir), or every image under `folder`.
     Every run embeds that same gallery (evaluation/gallery_cache.py: read from its cache when valid, else embedded
@@ -48,6 +49,7 @@ from evaluation.scoring import similarity
 from model import load_model
 from model.similarity import DEFAULT
 from model.loading import LoadedRun
+from utils.config import read_yaml
 from utils.env import autocast, resolve_device
 from utils.errors import UserError
 from utils.tokenizer import tokenize
@@ -92,6 +94,18 @@ def unique_names(names: Sequence[str], folders: Sequence[str]) -> List[str]:
     return out
 
 
+# The method of each published checkpoint layout (model/checkpoint_compat.py), for runs whose config names none.
+LAYOUT_METHODS = {"php_v1": "PHP", "irra": "IRRA", "rde": "RDE", "tbps": "TBPS-CLIP"}
+
+
+def run_name(run: LoadedRun, config_file: str, overrides: Optional[dict] = None) -> str:
+    """The run's `name` option; a published run whose config gives none (TBPS-CLIP's config.yaml never does) is
+    named by its method, since the option's default ('php') would call any method PHP."""
+    if run.layout in LAYOUT_METHODS and "name" not in (overrides or {}) and "name" not in read_yaml(config_file):
+        return LAYOUT_METHODS[run.layout]
+    return run.cfg.name
+
+
 def load_runs(config_files: Sequence[str], checkpoints: Optional[Sequence[Optional[str]]] = None,
               device: str = "auto", compat: str = "auto", overrides: Optional[dict] = None, trusted: bool = False,
               cache_dir: Optional[str] = None, no_cache: bool = False) -> List[SearchRun]:
@@ -105,7 +119,8 @@ def load_runs(config_files: Sequence[str], checkpoints: Optional[Sequence[Option
                          trusted=trusted) for config_file, checkpoint in zip(config_files, checkpoints)]
     tokenize("")  # reads the BPE vocabulary: part of loading, not of answering
     folders = [os.path.dirname(os.path.abspath(config_file)) for config_file in config_files]
-    names = unique_names([run.cfg.name for run in loaded], folders)
+    names = unique_names([run_name(run, config_file, overrides) for run, config_file in zip(loaded, config_files)],
+                         folders)
     return [SearchRun(name, run, None if no_cache else (cache_dir or os.path.join(folder, "cache")))
             for name, run, folder in zip(names, loaded, folders)]
 

@@ -1,10 +1,13 @@
 """The table of methods: every method's preset trained and tested under one protocol, the job of
 `sh run.sh methods [--seeds 1 2 3] [--paper cuhk|icfg|rstp] [--methods IRRA,PHP] [--tag T] [--key value ...]`.
 
-Each method (METHODS) runs its Demo preset, or with `--paper` its paper preset for that data set, through
-processor.presets.run_preset: the same seeds, the same `--key value` overrides, the same test. Runs that are
-already finished are only tested again, so the table can be rebuilt and extended. Then one row per method goes
-to `<output_dir>/methods.md` and `methods.csv`: R1/R5/R10/mAP/mINP as mean ± std over the seeds (from each run's
+Each method (METHODS) runs its Demo preset, or with `--paper` its paper preset for that data set, one run per seed
+through processor.presets.train_and_test: the same seeds, the same `--key value` overrides, the same test. Runs
+that are already finished are only tested again, so the table can be rebuilt and extended. A run whose folder
+another process holds (a second `sh run.sh methods` at once) is tried again after the others, waiting for that
+process, so both commands' tables hold it. Then one row per method goes to `<output_dir>/methods.md` and
+`methods.csv` (written by processor/methods_table.py, which keeps the rows of other methods that a command
+running at the same time wrote to the same table): R1/R5/R10/mAP/mINP as mean ± std over the seeds (from each run's
 test_results.json), the training seconds per epoch (the median over the run's epochs in history.json, then the
 mean over seeds), the parameters, the width of each embedding and the similarity that fuses them, the precision
 the runs trained in, the noisy-correspondence rate, and the wall time of the method's runs in this call.
@@ -12,35 +15,30 @@ With `--tag T` the runs are named `<name>_T` and the tables `methods_T.*`, so th
 options (`--noisy_rate 0.5`) does not find the first one's finished runs. With `--jobs N` (default `auto`: on the
 CPU one per core, at most 4) N runs train side by side in worker processes, each with its share of the threads
 (processor/parallel_runs.py says why that is faster on a small CPU); each run's console output then goes to
-`<output_dir>/<table>_console/<run name>.txt`.
+`<output_dir>/<table>_console/<run name>.txt`. Ctrl-C stops every run and writes the rows done so far.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
-
-import torch
 
 from datasets import dataset_from_config
 from evaluation.curves import read_history
 from evaluation.metrics import METRIC_KEYS
-from evaluation.runs import code_version, noise_of
+from evaluation.runs import noise_of
 from model.loading import load_model
 from processor.components import check_unused_options
-from processor.parallel_runs import Run, RunResult, job_count, run_side_by_side, threads_per_job
-from processor.precision import cpu_description
-from processor.presets import problems, run_preset, seed_runs
+from processor.methods_table import (MethodRow, markdown_table, rows_of_others, table_clock, table_header, table_lock,
+                                     table_paths, write_tables)
+from processor.parallel_runs import Run, RunResult, job_count, run_here, run_side_by_side, threads_per_job
+from processor.presets import problems, seed_runs
 from utils.config import Config, build_config, read_yaml, validate
 from utils.errors import UserError
-from utils.files import write_atomic
-from utils.provenance import utc_now
 
 logger = logging.getLogger("php")
 DATASETS = ("cuhk", "icfg", "rstp")
@@ -60,27 +58,14 @@ METHODS = (Method("IRRA", "irra_demo", "irra"), Method("PHP", "demo", "php"), Me
            Method("TBPS-CLIP", "tbps_demo", "tbps"))
 
 
-@dataclass
-class MethodRow:
-    method: str
-    preset: str
-    seeds: int = 0
-    mean: Dict[str, float] = field(default_factory=dict)
-    std: Dict[str, Optional[float]] = field(default_factory=dict)
-    epoch_seconds: Optional[float] = None
-    epochs: int = 0
-    params_m: Optional[float] = None
-    embedding: str = ""
-    precision: str = ""
-    noise: str = ""
-    wall_seconds: float = 0.0
-    note: str = ""
-
-
 def select_methods(names: Optional[Sequence[str]]) -> List[Method]:
-    """The methods named (case-insensitive), in the table's order; all of them when `names` is empty."""
-    if not names:
+    """The methods named (case-insensitive), in the table's order; all of them when `names` is None. An empty
+    list (`--methods ,`) is refused: it names nothing, which is not "all"."""
+    if names is None:
         return list(METHODS)
+    if not names:
+        raise UserError(f"command line: --methods names no method; expected a comma-separated subset of "
+                        f"{', '.join(m.name for m in METHODS)}")
     known = {m.name.lower(): m for m in METHODS}
     for name in names:
         if name.lower() not in known:
@@ -168,141 +153,112 @@ def _recorded_precision(run_dir: str) -> str:
     return str(read_yaml(os.path.join(run_dir, "configs.yaml")).get("precision", ""))
 
 
-MD_COLUMNS = ("method", "preset", "seeds", *METRIC_KEYS, "s/epoch", "epochs", "params (M)", "embedding",
-              "precision", "noise", "minutes", "note")
-CSV_COLUMNS = ("method", "preset", "seeds", *(f"{k}_{s}" for k in METRIC_KEYS for s in ("mean", "std")),
-               "epoch_seconds", "epochs", "params_m", "embedding", "precision", "noise", "wall_seconds", "note")
-
-
-def _cell(row: MethodRow, key: str) -> str:
-    if key not in row.mean:
-        return "-"
-    std = row.std.get(key)
-    return f"{row.mean[key]:.2f}" if std is None else f"{row.mean[key]:.2f} ± {std:.2f}"
-
-
-def _number(value: Optional[float], digits: int) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
-
-
-def markdown_table(rows: Sequence[MethodRow], header: Sequence[str] = ()) -> str:
-    """The header lines, then a GitHub-flavoured table: `mean ± std` over the seeds, the mean alone for one seed."""
-    lines = list(header) + ([""] if header else [])
-    lines += ["| " + " | ".join(MD_COLUMNS) + " |",
-              "|" + "|".join("---" if c in ("method", "preset", "embedding", "precision", "note") else "---:"
-                             for c in MD_COLUMNS) + "|"]
-    for row in rows:
-        cells = [row.method, row.preset, str(row.seeds), *(_cell(row, k) for k in METRIC_KEYS),
-                 _number(row.epoch_seconds, 1), str(row.epochs or ""), _number(row.params_m, 2), row.embedding,
-                 row.precision, row.noise, f"{row.wall_seconds / 60:.1f}", row.note]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def csv_table(rows: Sequence[MethodRow]) -> str:
-    """CSV with a header row, four decimals; a std is empty for one seed, the metrics for a failed method."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for row in rows:
-        stats = []
-        for key in METRIC_KEYS:
-            std = row.std.get(key)
-            stats += [_number(row.mean.get(key), 4), _number(std, 4)]
-        writer.writerow([row.method, row.preset, row.seeds, *stats, _number(row.epoch_seconds, 2), row.epochs or "",
-                         _number(row.params_m, 4), row.embedding, row.precision, row.noise,
-                         f"{row.wall_seconds:.1f}", row.note])
-    return out.getvalue()
-
-
-def table_header(command: str, dataset: str, seconds: float, jobs: int = 1) -> List[str]:
-    """Where and how the table was made: the command, the data set, the CPU, torch, the commit, the date."""
-    cpu = cpu_description()
-    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in (cpu.get("flags") or {}).items())
-    threads = (f"{jobs} runs side by side, {threads_per_job(jobs)} thread(s) each" if jobs > 1
-               else f"{torch.get_num_threads()} threads")
-    return [f"# Methods on {dataset}", "",
-            f"`{command}`, {utc_now()}, commit {code_version() or 'unknown'}: {seconds / 60:.1f} minutes in all.",
-            f"Machine: {cpu.get('model') or 'unknown CPU'} ({flags or 'flags unknown'}), {threads}, "
-            f"torch {torch.__version__}.",
-            "Metrics: the test split, text to image, mean ± sample std over the seeds; s/epoch: the median epoch of "
-            "each run, averaged over seeds; minutes: the method's runs (training and testing), summed"
-            + (" (they overlap other runs)" if jobs > 1 else "") + "."]
-
-
-def write_tables(rows: Sequence[MethodRow], output_dir: str, stem: str, header: Sequence[str]) -> Tuple[str, str]:
-    md, csv_path = os.path.join(output_dir, f"{stem}.md"), os.path.join(output_dir, f"{stem}.csv")
-    write_atomic(md, markdown_table(rows, header), what="the methods table", make_folder=True)
-    write_atomic(csv_path, csv_table(rows), what="the methods table", make_folder=True)
-    return md, csv_path
-
-
 class _Table:
     """The rows of one call, written (Markdown and CSV) each time a method's runs are all done."""
 
-    def __init__(self, configs, command: str, stem: str, jobs: int):
-        self.configs, self.command, self.stem, self.jobs = configs, command, stem, jobs
+    def __init__(self, configs, runs_of: Sequence[Sequence[Config]], command: str, stem: str, jobs: int):
+        self.configs, self.runs_of, self.command, self.stem, self.jobs = configs, runs_of, command, stem, jobs
         self.rows: List[Optional[MethodRow]] = [None] * len(configs)
-        self.start, self.code = time.time(), 0
+        self.left = [len(runs) for runs in runs_of]  # runs of each method still to end
+        self.seconds = [0.0] * len(configs)
+        self.failed: List[Optional[RunResult]] = [None] * len(configs)
+        self.start, self.code, self.text = time.time(), 0, ""
         self.paths: Tuple[str, str] = ("", "")
         self.output_dir, self.dataset = configs[0][2].output_dir, configs[0][2].dataset_name
+        self.since = table_clock(self.output_dir, stem)
 
-    def finish(self, index: int, runs: Sequence[Config], seconds: float, code: int, note: str = "") -> None:
-        method, path, _ = self.configs[index]
-        preset = os.path.splitext(os.path.basename(path))[0]
+    def preset(self, index: int) -> str:
+        return os.path.splitext(os.path.basename(self.configs[index][1]))[0]
+
+    def done(self, index: int, result: RunResult, console: str = "") -> None:
+        """One run of method `index` has ended; the method's row is written once all of its runs have."""
+        self.left[index] -= 1
+        self.seconds[index] += result.seconds
+        state = "done" if not result.code else f"FAILED (exit code {result.code}): {result.error}"
+        print(f"=== {result.label}: {state} in {result.seconds / 60:.1f} min" + (f"; console: {console}" if console
+                                                                                 else ""), flush=True)
+        if result.code and self.failed[index] is None:
+            self.failed[index] = result
+        if not self.left[index]:
+            bad = self.failed[index]
+            self.finish(index, bad.code if bad else 0, bad.error if bad else "")
+
+    def finish(self, index: int, code: int, note: str = "") -> None:
+        method = self.configs[index][0]
         if code:
             self.code = self.code or code
-            row = MethodRow(method.name, preset, wall_seconds=seconds, note=note or f"failed: exit code {code}")
+            # The run's exit code as train.py / test.py exit with it (4: a non-finite loss), then their error line.
+            row = MethodRow(method.name, self.preset(index), wall_seconds=self.seconds[index],
+                            note=f"exit code {code}: {note}" if note else f"failed: exit code {code}")
         else:
-            row = method_row(method, preset, runs, seconds)
+            row = method_row(method, self.preset(index), self.runs_of[index], self.seconds[index])
         self.rows[index] = row
-        self.paths = write_tables([r for r in self.rows if r], self.output_dir, self.stem, self.header())
+        self.write()
+
+    def interrupted(self) -> None:
+        """After Ctrl-C: the rows of the methods done so far, and one per other method saying how far it got. A
+        call that finished none leaves an earlier table as it was."""
+        if not any(self.rows):
+            return
+        for index, row in enumerate(self.rows):
+            if row is None:
+                total = len(self.runs_of[index])
+                self.rows[index] = MethodRow(self.configs[index][0].name, self.preset(index),
+                                             wall_seconds=self.seconds[index],
+                                             note=f"interrupted: {total - self.left[index]} of {total} runs ended")
+        self.write()
+        print(f"wrote {self.paths[0]} and {self.paths[1]}", flush=True)
+
+    def write(self) -> None:
+        ours = [r for r in self.rows if r]
+        with table_lock(self.output_dir, self.stem):
+            others = rows_of_others(table_paths(self.output_dir, self.stem)[1], self.since,
+                                    [method.name for method, _, _ in self.configs])
+            order = {m.name: i for i, m in enumerate(METHODS)}
+            rows = sorted(ours + others, key=lambda r: order.get(r.method, len(order)))
+            header = self.header() + ([f"Rows of {', '.join(r.method for r in others)}: from another `sh run.sh "
+                                       f"methods` that wrote this table while this one ran."] if others else [])
+            self.paths = write_tables(rows, self.output_dir, self.stem, header)
+            self.text = markdown_table(rows, header)
 
     def header(self) -> List[str]:
         return table_header(self.command, self.dataset, time.time() - self.start, self.jobs)
 
     def report(self) -> int:
-        print(markdown_table([r for r in self.rows if r], self.header()), flush=True)
+        print(self.text, flush=True)
         print(f"wrote {self.paths[0]} and {self.paths[1]}", flush=True)
         return self.code
 
 
-def _one_after_another(table: _Table, runs_of: Sequence[Sequence[Config]], seeds, seed_given: bool) -> None:
-    for index, ((method, path, cfg), runs) in enumerate(zip(table.configs, runs_of)):
-        print(f"=== {method.name}: {os.path.splitext(os.path.basename(path))[0]}", flush=True)
-        began = time.time()
-        try:
-            result, note = run_preset(cfg, seeds, path, seed_given), ""
-        except UserError as e:  # one method's failure still leaves the others' rows
-            result, note = 2, str(e)
-        table.finish(index, runs, time.time() - began, result, note)
+def _one_after_another(table: _Table) -> None:
+    """Each run in this process, in the table's order; a run whose folder another process holds is tried again
+    after all the others, waiting for that process."""
+    busy = []
+    for index, (method, path, cfg) in enumerate(table.configs):
+        print(f"=== {method.name}: {table.preset(index)}", flush=True)
+        for run in table.runs_of[index]:
+            if run is not cfg:  # one run per seed
+                print(f"== seed {run.seed}: run {run.name}", flush=True)
+            result = run_here(run, path, f"{method.name} {run.name}", wait=False)
+            if result.busy:
+                print(f"=== {result.label}: {result.error}; trying again after the other runs", flush=True)
+                busy.append((index, run))
+            else:
+                table.done(index, result)
+    for index, run in busy:
+        method, path, _ = table.configs[index]
+        table.done(index, run_here(run, path, f"{method.name} {run.name}", wait=True))
 
 
-def _side_by_side(table: _Table, runs_of: Sequence[Sequence[Config]]) -> None:
+def _side_by_side(table: _Table) -> None:
     jobs, owners = [], []
-    for index, ((method, path, _), runs) in enumerate(zip(table.configs, runs_of)):
-        for run in runs:
+    for index, (method, path, _) in enumerate(table.configs):
+        for run in table.runs_of[index]:
             console = os.path.join(run.output_dir, f"{table.stem}_console", f"{run.name}.txt")
             jobs.append(Run(f"{method.name} {run.name}", run.to_dict(), path, console))
             owners.append(index)
-    left, seconds = [len(runs) for runs in runs_of], [0.0] * len(runs_of)
-    failed: List[Optional[RunResult]] = [None] * len(runs_of)
-
-    def done(job: int, result: RunResult) -> None:
-        index = owners[job]
-        left[index] -= 1
-        seconds[index] += result.seconds
-        state = "done" if not result.code else f"FAILED (exit code {result.code}): {result.error}"
-        print(f"=== {result.label}: {state} in {result.seconds / 60:.1f} min; console: {jobs[job].console}",
-              flush=True)
-        if result.code and failed[index] is None:
-            failed[index] = result
-        if not left[index]:
-            bad = failed[index]
-            table.finish(index, runs_of[index], seconds[index], bad.code if bad else 0, bad.error if bad else "")
-
     print(f"=== {len(jobs)} runs, {table.jobs} side by side ({threads_per_job(table.jobs)} thread(s) each)", flush=True)
-    run_side_by_side(jobs, table.jobs, done)
+    run_side_by_side(jobs, table.jobs, lambda job, result: table.done(owners[job], result, jobs[job].console))
 
 
 def run_methods(config_dir: str, seeds: Optional[Sequence[int]] = None, overrides: Optional[Dict] = None,
@@ -310,17 +266,22 @@ def run_methods(config_dir: str, seeds: Optional[Sequence[int]] = None, override
                 command: str = "sh run.sh methods", tag: str = "", jobs: str = "auto") -> int:
     """Train and test every chosen method's preset, then write its row; the first non-zero exit code of a
     method (the others still run), else 0. The tables are rewritten as each method's runs are done. With more
-    than one job (`jobs`, see processor.parallel_runs.job_count) the runs go side by side in worker processes."""
+    than one job (`jobs`, see processor.parallel_runs.job_count) the runs go side by side in worker processes.
+    Ctrl-C (KeyboardInterrupt, re-raised) stops them all and writes the rows done so far."""
     configs = method_configs(config_dir, select_methods(methods), paper, overrides or {}, tag)
     runs_of = [seed_runs(cfg, seeds, seed_given) for _, _, cfg in configs]  # a bad --seeds fails here
     count = job_count(jobs, sum(map(len, runs_of)), configs[0][2].device)
     stem = "_".join(["methods", *([paper] if paper else []), *([tag] if tag else [])])
-    table = _Table(configs, command, stem, count)
-    if count == 1:
-        _one_after_another(table, runs_of, seeds, seed_given)
-    else:
-        # A generated Demo-PEDES is made here once, not by two workers at once; each set is read once.
-        for cfg in {(c.dataset_name, c.root_dir, c.demo_seed): c for _, _, c in configs}.values():
-            dataset_from_config(cfg, generate=True)
-        _side_by_side(table, runs_of)
+    table = _Table(configs, runs_of, command, stem, count)
+    try:
+        if count == 1:
+            _one_after_another(table)
+        else:
+            # A generated Demo-PEDES is made here once, not by two workers at once; each set is read once.
+            for cfg in {(c.dataset_name, c.root_dir, c.demo_seed): c for _, _, c in configs}.values():
+                dataset_from_config(cfg, generate=True)
+            _side_by_side(table)
+    except KeyboardInterrupt:
+        table.interrupted()
+        raise
     return table.report()

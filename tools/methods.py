@@ -31,7 +31,8 @@ COMMAND = Command("sh run.sh methods", __doc__, flags=(
 
 def main(argv) -> int:
     args = parse_command_line(COMMAND, argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    # Given, even as "" or ",", it selects: an empty list is refused rather than read as every method.
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
     return run_methods(CONFIGS, args.seeds, args.overrides, args.paper, methods, seed_given="seed" in args.overrides,
                        command=" ".join(["sh run.sh methods", *map(shlex.quote, argv)]), tag=args.tag,
                        jobs=args.jobs)

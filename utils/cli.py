@@ -36,6 +36,18 @@ def integer(text: str) -> int:
 
 _TYPE_NAMES = {integer: "an integer", int: "an integer", float: "a number"}
 
+# torch.manual_seed would take seeds up to 2**64 - 1, but the samplers and the noisy-pair draw use a seed modulo
+# 2**63 (datasets/samplers.py, datasets/noise.py): a larger seed would repeat a smaller one's data order.
+SEED_MAX = 2 ** 63 - 1
+
+
+def check_seed_range(option: str, seed: int) -> None:
+    """A seed above what the run's generators tell apart (SEED_MAX) is refused naming `option` (`--seed`), rather
+    than failing with a traceback once training has begun; below 0 is the config's or seed_runs' to refuse."""
+    if seed > SEED_MAX:
+        raise UserError(f"command line: {option} takes seeds from 0 to {SEED_MAX} (2**63 - 1); got "
+                        f"{short_repr(seed)}")
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -124,7 +136,23 @@ def parse_command_line(command: Command, argv: Optional[Sequence[str]] = None) -
     missing = [f.name for f in command.flags if f.required and not flags[f.key]]
     if missing:
         raise UserError(f"command line: --{missing[0]} is required")
+    _check_seeds(command, flags, overrides)
     return Parsed(flags, overrides, positionals)
+
+
+def _check_seeds(command: Command, flags: Dict[str, Any], overrides: Dict[str, Any]) -> None:
+    """`--seed N` (a config option, still text here) and a command's `--seeds N ...` within SEED_MAX; a seed that
+    is no integer is left to the config's own message."""
+    seed = overrides.get("seed")
+    if isinstance(seed, str):
+        try:
+            check_seed_range("--seed", integer(seed.strip()))
+        except ValueError:
+            pass
+    if command.flag("seeds") is not None:
+        for value in flags.get("seeds") or []:
+            if isinstance(value, int):
+                check_seed_range("--seeds", value)
 
 
 def _flag_values(flag: Flag, argv: List[str], i: int, inline: Optional[str]):
