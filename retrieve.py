@@ -34,7 +34,7 @@ from typing import Tuple
 
 from evaluation.search import Searcher, answer, load_runs, shown_path
 from evaluation.visualize import Style, draw_results, left_out
-from utils.cli import COMPAT, DEBUG, TRUST, Command, Flag, integer, parse_command_line, run_main
+from utils.cli import add_shared, command, integer, parse_command_line, run_main
 from utils.errors import UserError
 from utils.logger import setup_logger
 
@@ -43,23 +43,29 @@ def _caption_query(value: str) -> Tuple[str, int]:
     return "caption", integer(value)
 
 
-COMMAND = Command("retrieve.py", __doc__, flags=(
-    Flag("config_file", "the run's configs.yaml; repeat to compare runs (the gallery is the first run's)",
-         dest="config_files", repeat=True, required=True, metavar="CONFIG_FILE"),
-    Flag("query", "a description to search for; repeat for several queries (one picture row each)",
-         dest="queries", repeat=True, type=lambda value: ("text", value), metavar="TEXT"),
-    Flag("caption", "use caption N (from 0) of the split as a query; its identity frames the hits",
-         dest="queries", repeat=True, type=_caption_query, metavar="N", expects="a caption index (an integer)"),
-    Flag("split", "search this split (default: test)", choices=("test", "val")),
-    Flag("gallery", "search the images in DIR instead of a split", metavar="DIR"),
-    Flag("topk", "hits per query", type=integer, default=10),
-    Flag("out", "the picture to write (default: <first run>/retrieval.png)"),
-    Flag("checkpoint", "checkpoint to use (default: best.pth beside the config); with several runs, one per "
-                       "--config_file, in the same order", dest="checkpoints", repeat=True),
-    Flag("cache_dir", "where gallery embeddings are cached (default: <run>/cache)"),
-    Flag("no_cache", "neither read nor write the gallery cache", nargs=0),
-    COMPAT, TRUST, DEBUG),
-    epilog="Config options can follow as --key value, e.g. --root_dir /data --device cpu; they apply to every run.")
+def _text_query(value: str) -> Tuple[str, str]:
+    return "text", value
+
+
+COMMAND = command("retrieve.py", __doc__, epilog="Config options can follow as --key value, e.g. --root_dir /data "
+                                                 "--device cpu; they apply to every run.")
+COMMAND.add_argument("--config_file", dest="config_files", action="append", required=True, metavar="CONFIG_FILE",
+                     help="the run's configs.yaml; repeat to compare runs (the gallery is the first run's)")
+COMMAND.add_argument("--query", dest="queries", action="append", type=_text_query, metavar="TEXT",
+                     help="a description to search for; repeat for several queries (one picture row each)")
+COMMAND.add_argument("--caption", dest="queries", action="append", type=_caption_query, metavar="N",
+                     expects="a caption index (an integer)",
+                     help="use caption N (from 0) of the split as a query; its identity frames the hits")
+COMMAND.add_argument("--split", choices=("test", "val"), help="search this split (default: test)")
+COMMAND.add_argument("--gallery", metavar="DIR", help="search the images in DIR instead of a split")
+COMMAND.add_argument("--topk", type=integer, default=10, help="hits per query")
+COMMAND.add_argument("--out", help="the picture to write (default: <first run>/retrieval.png)")
+COMMAND.add_argument("--checkpoint", dest="checkpoints", action="append",
+                     help="checkpoint to use (default: best.pth beside the config); with several runs, one per "
+                          "--config_file, in the same order")
+COMMAND.add_argument("--cache_dir", help="where gallery embeddings are cached (default: <run>/cache)")
+COMMAND.add_argument("--no_cache", action="store_true", help="neither read nor write the gallery cache")
+add_shared(COMMAND, "compat", "trust_checkpoint", "debug")
 
 
 def _log_to_stderr(logger: logging.Logger) -> None:

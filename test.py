@@ -8,17 +8,17 @@ also appended to `test_log.jsonl` in the run folder. The job itself is evaluatio
 from __future__ import annotations
 
 from evaluation.testing import TestRequest, test_run
-from utils.cli import COMPAT, DEBUG, TRUST, Command, Flag, parse_command_line, run_main
+from utils.cli import add_shared, command, parse_command_line, run_main
 from utils.logger import setup_logger
 
-COMMAND = Command("test.py", __doc__, flags=(
-    Flag("config_file", "the run's configs.yaml", required=True, metavar="FILE"),
-    Flag("checkpoint", "checkpoint to evaluate (default: best.pth beside the config)"),
-    Flag("split", "split to evaluate", choices=("test", "val"), default="test"),
-    Flag("i2t", "also report image-to-text retrieval", nargs=0),
-    Flag("audit", "check that embeddings do not depend on the batch", nargs=0),
-    COMPAT, TRUST, DEBUG),
-    epilog="Config options can follow as --key value, e.g. --root_dir /data --test_batch_size 256.")
+COMMAND = command("test.py", __doc__,
+                  epilog="Config options can follow as --key value, e.g. --root_dir /data --test_batch_size 256.")
+COMMAND.add_argument("--config_file", required=True, metavar="FILE", help="the run's configs.yaml")
+COMMAND.add_argument("--checkpoint", help="checkpoint to evaluate (default: best.pth beside the config)")
+COMMAND.add_argument("--split", choices=("test", "val"), default="test", help="split to evaluate")
+COMMAND.add_argument("--i2t", action="store_true", help="also report image-to-text retrieval")
+COMMAND.add_argument("--audit", action="store_true", help="check that embeddings do not depend on the batch")
+add_shared(COMMAND, "compat", "trust_checkpoint", "debug")
 
 
 def main(argv) -> int:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 
 from processor.training import train
-from utils.cli import DEBUG, Command, Flag, parse_command_line, run_main
+from utils.cli import add_shared, command, parse_command_line, run_main
 from utils.config import build_config
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
-COMMAND = Command("train.py", __doc__, flags=(
-    Flag("config_file", "YAML config", default=DEFAULT_CONFIG, metavar="FILE"), DEBUG),
-    epilog="Any config option below can follow as --key value.")
+COMMAND = command("train.py", __doc__)
+COMMAND.add_argument("--config_file", default=DEFAULT_CONFIG, metavar="FILE", help="YAML config")
+add_shared(COMMAND, "debug")
 
 
 def main(argv) -> int:

@@ -8,7 +8,6 @@ ratios between rows are fair on a noisy machine. Shapes: batch x heads x tokens,
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -21,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 from model.attention import TowerAttention
+from utils.cli import command
 
 # (label, batch, width, tokens, causal): the towers of configs/demo.yaml (batch 64) and of ViT-B/16 (batch 8)
 SHAPES = [("demo image", 64, 256, 25, False), ("demo text", 64, 256, 48, True),
@@ -57,7 +57,7 @@ def layer_step(batch: int, width: int, tokens: int, causal: bool, kernel, dtype)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command("python -m benchmarks.attention_cpu", __doc__.split("\n\n")[0], options=False)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", default="")

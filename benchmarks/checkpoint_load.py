@@ -9,7 +9,6 @@ medians, the check's own share of a load and what it adds to one.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
@@ -24,6 +23,7 @@ from model import load_model
 from processor.synthetic import stepped_checkpoint
 from utils import checkpoint as checkpoint_module
 from utils.checkpoint import save_checkpoint
+from utils.cli import command
 from utils.config import save_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command("python -m benchmarks.checkpoint_load", __doc__, options=False)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "php_cuhk.yaml"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--keep", default="", help="write the run here and keep it (default: a temporary folder)")

@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import model  # noqa: F401  (registers the methods' losses and heads, whose options a preset may set)
 from datasets import dataset_from_config
 from datasets.loaders import build_train_loader, set_loader_epoch
+from utils.cli import command
 from utils.config import Config, build_config
 
 
@@ -94,7 +95,7 @@ def step_rate(args: argparse.Namespace) -> Tuple[Optional[float], str]:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = command("python -m benchmarks.data_pipeline", __doc__.split("\n")[0], options=False)
     p.add_argument("--workers", default="0,1,2,8", help="comma-separated loader worker counts")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--cache", default="off", help="cache_images settings to measure: off, on or off,on")

@@ -8,7 +8,6 @@ split sizes, empty image files in seven subfolders) under a temporary folder, th
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -18,6 +17,7 @@ import time
 
 
 from datasets import dataset_from_config
+from utils.cli import command
 from utils.config import Config
 
 FOLDERS = ("cam_a", "cam_b", "CUHK01", "CUHK03", "Market", "test_query", "train_query")
@@ -49,7 +49,7 @@ def write_synthetic_cuhk(root: str, seed: int = 0) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = command("python -m benchmarks.dataset_loading", __doc__.split("\n")[0], options=False)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--keep", default="", help="write the set here (kept) instead of a temporary folder")
     args = parser.parse_args()

@@ -29,6 +29,7 @@ from typing import Dict, List, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from datasets.demo_pedes import generate_demo_pedes
+from utils.cli import command
 
 SMOKE_CONFIG = os.path.join(ROOT, "configs", "smoke.yaml")
 TEST_SIZES = {"num_train_ids": 60, "num_val_ids": 20, "num_test_ids": 20, "images_per_id": 4}
@@ -65,7 +66,7 @@ def run_once(prefix: List[str], env: Dict[str, str], args: argparse.Namespace, r
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command("python -m benchmarks.ddp_smoke", __doc__, options=False)
     p.add_argument("--root_dir", default="", help="data root holding the data set (default: generate a small one)")
     p.add_argument("--config", default=SMOKE_CONFIG, help="train.py --config_file (default: configs/smoke.yaml)")
     p.add_argument("--device", default="", help="train.py --device (default: the config's)")

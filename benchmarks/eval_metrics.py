@@ -30,6 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from evaluation.metrics import retrieval_metrics
+from utils.cli import command
 
 FULL_SIZE, FULL_IDS = 19848, 1000
 KEYS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -123,7 +124,7 @@ def _run_worker(method: str, path: str, args: argparse.Namespace) -> Dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = command("python -m benchmarks.eval_metrics", __doc__.split("\n")[0], options=False)
     parser.add_argument("--size", type=int, default=FULL_SIZE, help="queries = gallery items (default ICFG test)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")

@@ -15,7 +15,6 @@ interleaved repeats, page cache warm, and the ratios.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import shutil
@@ -31,6 +30,7 @@ import torch
 from processor.synthetic import stepped_checkpoint
 from utils import safe_unpickle, tensor_archive
 from utils.checkpoint import read_checkpoint
+from utils.cli import command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +80,7 @@ def write_files(folder: str, config: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command("python -m benchmarks.restricted_load", __doc__, options=False)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "tbps_cuhk.yaml"))
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()

@@ -17,7 +17,7 @@ import time
 
 from evaluation.search import SearchRun, answer
 from model import load_model
-from utils.cli import COMPAT, Command, Flag, integer, parse_command_line
+from utils.cli import add_shared, command, integer, parse_command_line, run_main
 
 QUERY = ("text", "a woman with long black hair in a red coat and blue jeans, carrying a backpack")
 
@@ -29,10 +29,13 @@ def timed(fn) -> float:
 
 
 def main(argv=None) -> None:
-    command = Command("python -m benchmarks.retrieve_latency", __doc__, flags=(
-        Flag("config_file", required=True), Flag("split", choices=("test", "val"), default="test"),
-        Flag("repeats", "cached answers timed (uncached: half as many, >= 2)", type=integer, default=7), COMPAT))
-    args = parse_command_line(command, argv)
+    parser = command("python -m benchmarks.retrieve_latency", __doc__)
+    parser.add_argument("--config_file", required=True)
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--repeats", type=integer, default=7,
+                        help="cached answers timed (uncached: half as many, >= 2)")
+    add_shared(parser, "compat")
+    args = parse_command_line(parser, argv)
     run = load_model(args.config_file, compat=args.compat, overrides=args.overrides)
     cache_dir = tempfile.mkdtemp(prefix="retrieve-bench-")
     try:
@@ -58,4 +61,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,11 +1,11 @@
-"""What RDE's per-epoch selection pass (CCD, processor/ccd.py) costs against the epoch's training, per sample.
+"""What RDE's per-epoch selection pass (CCD, methods/rde/ccd.py) costs against the epoch's training, per sample.
 
     python -m benchmarks.selection_pass --device cpu --config configs/rde_cuhk.yaml --batch_size 8 --precision bf16
     python -m benchmarks.selection_pass --config configs/rde_demo.yaml --arch ViT-Demo --img_size 96 32 \
         --text_length 32 --batch_size 128 --precision bf16 --pairs 4800
 
 An epoch trains on every pair once and, before it, CCD computes every pair's TAL for both embeddings once, in eval
-and inference mode (`processor.ccd.batch_losses`, the pass's own code), then fits two Gaussian mixtures. So the
+and inference mode (`methods.rde.ccd.batch_losses`, the pass's own code), then fits two Gaussian mixtures. So the
 pass's share of an epoch is  select / (train + select)  per sample, plus the two fits over `--pairs` losses
 (68,126: CUHK-PEDES's training pairs). Timed on synthetic batches with random weights, in the same process, the
 two kinds of step alternating window by window so that a shared machine's load falls on both; the medians are
@@ -23,10 +23,11 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from processor.ccd import batch_losses, clean_probability, split
+from methods.rde.ccd import batch_losses, clean_probability, split
 from processor.precision import describe_cpu
 from processor.synthetic import synthetic_setup
 from processor.trainer import Trainer
+from utils.cli import command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +53,7 @@ def gmm_seconds(pairs: int) -> float:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = command("python -m benchmarks.selection_pass", __doc__.split("\n")[0], options=False)
     p.add_argument("--device", default="cpu")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "rde_cuhk.yaml"))
     p.add_argument("--arch", default="ViT-B-16")

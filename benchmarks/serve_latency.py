@@ -10,7 +10,6 @@ to parsed answer) and whether every top-10 agrees with retrieve.py: the same pat
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -25,6 +24,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from datasets import dataset_from_config
+from utils.cli import command, parse_command_line, run_main
 from utils.config import build_config
 
 HIT = re.compile(r"^(\d+) (-?\d+\.\d{4}) (\S.*)$")
@@ -51,18 +51,21 @@ def ask(port: int, text: str, k: int) -> dict:
         return json.load(answer)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    p = command("python -m benchmarks.serve_latency", __doc__)
     p.add_argument("--run", required=True, help="run folder (configs.yaml + best.pth)")
     p.add_argument("--captions", type=int, default=20)
     p.add_argument("--port", type=int, default=0, help="default: a free port")
-    args, extra = p.parse_known_args()
+    args = parse_command_line(p, argv)
+    # The config options again, for serve and retrieve.py: one token each (a list as 384,128).
+    extra = [f"--{key}={','.join(value) if isinstance(value, list) else value}"
+             for key, value in args.overrides.items()]
     port = args.port
     if not port:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-    cfg = build_config(os.path.join(args.run, "configs.yaml"), {k[2:]: v for k, v in zip(extra[::2], extra[1::2])})
+    cfg = build_config(os.path.join(args.run, "configs.yaml"), args.overrides)
     captions = dataset_from_config(cfg, check_images=False).test["captions"]
     indices = [round(i * (len(captions) - 1) / max(1, args.captions - 1)) for i in range(args.captions)]
 
@@ -98,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

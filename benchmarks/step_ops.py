@@ -21,7 +21,6 @@ import argparse
 import collections
 import json
 import os
-import sys
 from typing import Dict, List, Optional
 from unittest import mock
 
@@ -33,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from model.backbone import ARCHITECTURES
 from processor.synthetic import synthetic_setup
 from processor.trainer import Trainer
-from utils.cli import Command, parse_command_line
+from utils.cli import command, parse_command_line, run_main
 
 # Aliasing or bookkeeping operations that func.is_view does not mark; allocations launch no kernel either.
 NO_KERNEL = {"_unsafe_view", "empty", "empty_strided", "_record_function_enter_new", "_record_function_exit"}
@@ -104,7 +103,7 @@ def count_step(args: argparse.Namespace) -> Dict[str, Dict[str, int]]:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = command("python -m benchmarks.step_ops", __doc__.split("\n")[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "php_cuhk.yaml"), help="preset to count")
     p.add_argument("--arch", default="ViT-B-16", help="random-weight backbone (model/backbone.py ARCHITECTURES)")
     p.add_argument("--img_size", type=int, nargs=2, default=[384, 128], metavar=("H", "W"))
@@ -113,8 +112,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default="")
-    args, rest = p.parse_known_args(argv)
-    args.overrides = parse_command_line(Command("benchmarks.step_ops", "config options"), rest).overrides
+    args = parse_command_line(p, argv)  # config options (--num_experts 6) as args.overrides
     if args.arch not in ARCHITECTURES:
         p.error(f"--arch {args.arch}: expected one of {', '.join(ARCHITECTURES)}")
     return args
@@ -138,4 +136,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

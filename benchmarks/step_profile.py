@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from processor.precision import describe_cpu
 from processor.synthetic import synthetic_setup
 from processor.trainer import Trainer
+from utils.cli import command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATMUL_OPS = ("mm", "matmul", "linear", "bmm", "baddbmm", "scaled_dot_product", "conv")
@@ -46,7 +47,7 @@ def profile_step(args: argparse.Namespace, precision: str) -> Dict[str, object]:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = command("python -m benchmarks.step_profile", __doc__.split("\n")[0], options=False)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--arch", default="ViT-Demo")
     p.add_argument("--img_size", type=int, nargs=2, default=[96, 32], metavar=("H", "W"))

@@ -48,6 +48,7 @@ from model.backbone import ARCHITECTURES, build_clip
 from processor.precision import cpu_description, describe_cpu
 from processor.synthetic import synthetic_setup
 from processor.trainer import Trainer
+from utils.cli import command
 
 MODES = ("fp32", "bf16", "fp16", "compile", "half")
 PRECISION_MODES = ("fp32", "bf16", "fp16")
@@ -243,7 +244,7 @@ def device_name(device: str, threads: int) -> str:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = command("python -m benchmarks.train_step", __doc__.split("\n")[0], options=False)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="steps per timed window")

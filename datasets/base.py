@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from prettytable import PrettyTable
@@ -66,8 +66,19 @@ class Entry:
     rel_path: str
     captions: Tuple[str, ...]
     split: str
-    # Each caption's back-translation (TBPS-CLIP's `captions_bt`), when the annotation has them.
-    captions_bt: Optional[Tuple[str, ...]] = None
+    # {field: one text per caption} of the registered caption fields the entry has (CAPTION_FIELDS).
+    alternatives: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+
+
+# Annotation fields that hold, beside `captions`, another text of each caption (one per caption, in order), which a
+# text-stage caption augmentation may use (datasets/augment.py): {field name: what one text is}. A method registers
+# the fields its augmentation reads; data sets read every registered field an entry has, checked.
+CAPTION_FIELDS: Dict[str, str] = {}
+
+
+def register_caption_field(name: str, what: str) -> None:
+    """Let annotation entries hold `name`: a list of one `what` (e.g. "back-translation") per caption."""
+    CAPTION_FIELDS[name] = what
 
 
 def empty_split() -> Dict[str, list]:
@@ -93,8 +104,9 @@ class PedesDataset:
         self.test = test
         self.train_id_map = train_id_map
         self.num_classes = len(train_id_map)
-        # Each training pair's back-translated caption (None where it has none); None when no entry has one.
-        self.train_bt: Optional[List[Optional[str]]] = None
+        # {caption field: each training pair's text of it (None where its entry has none)}, for the fields that
+        # some training entry has (CAPTION_FIELDS).
+        self.train_alternatives: Dict[str, List[Optional[str]]] = {}
 
     def split(self, name: str, hint: str = "") -> Dict[str, list]:
         """The evaluation split `name` ('val' or 'test'); one that holds no caption is a UserError (with `hint`)."""
@@ -172,25 +184,26 @@ def parse_entries(data: list, path: str, fmt) -> List[Entry]:
                 or type(captions) is not list or split not in splits \
                 or not all(type(c) is str and c and not c.isspace() for c in captions) or not _is_text(captions):
             _raise_value_error(pid, rel, captions, split, f"{path}: entry {i} (counting from 0)", fmt)
-        entries.append(Entry(pid, rel, tuple(captions), split, _back_translations(item, captions, path, i)))
+        alternatives = {name: _alternative(item, name, captions, path, i) for name in CAPTION_FIELDS
+                        if item.get(name) is not None}
+        entries.append(Entry(pid, rel, tuple(captions), split, alternatives))
     return entries
 
 
-def _back_translations(item: dict, captions: list, path: str, i: int) -> Optional[Tuple[str, ...]]:
-    """The entry's `captions_bt`, one text per caption, or None when it has none."""
-    bt = item.get("captions_bt") if isinstance(item, dict) else None
-    if bt is None:
-        return None
-    if type(bt) is not list or len(bt) != len(captions) or not all(type(c) is str for c in bt):
-        got = f"a list of {len(bt)}" if type(bt) is list and all(type(c) is str for c in bt) else _describe_list(bt)
-        raise UserError(f"{path}: entry {i} (counting from 0): 'captions_bt' must be a list of {len(captions)} "
-                        f"string(s), one back-translation per caption, got {got}")
-    if not _is_text(bt):  # one encoding for the common case; only a bad entry looks for the text at fault
-        broken = next(k for k, c in enumerate(bt) if not _is_text([c]))
-        raise UserError(f"{path}: entry {i} (counting from 0): 'captions_bt' text {broken} (counting from 0), the "
-                        f"back-translation of caption {broken}, holds a lone surrogate (e.g. \\ud800), which is not "
+def _alternative(item: dict, name: str, captions: list, path: str, i: int) -> Tuple[str, ...]:
+    """The entry's caption field `name`, one text per caption, checked."""
+    texts, what = item[name], CAPTION_FIELDS[name]
+    if type(texts) is not list or len(texts) != len(captions) or not all(type(c) is str for c in texts):
+        got = (f"a list of {len(texts)}" if type(texts) is list and all(type(c) is str for c in texts)
+               else _describe_list(texts))
+        raise UserError(f"{path}: entry {i} (counting from 0): '{name}' must be a list of {len(captions)} "
+                        f"string(s), one {what} per caption, got {got}")
+    if not _is_text(texts):  # one encoding for the common case; only a bad entry looks for the text at fault
+        broken = next(k for k, c in enumerate(texts) if not _is_text([c]))
+        raise UserError(f"{path}: entry {i} (counting from 0): '{name}' text {broken} (counting from 0), the "
+                        f"{what} of caption {broken}, holds a lone surrogate (e.g. \\ud800), which is not "
                         f"text; expected UTF-8 text")
-    return tuple(bt)
+    return tuple(texts)
 
 
 def _is_text(captions: List[str]) -> bool:
@@ -303,11 +316,13 @@ def build_splits(name: str, dataset_dir: str, entries: Sequence[Entry], val_hold
     train_ids = sorted({e.pid for e in by_split["train"]})
     label = {pid: i for i, pid in enumerate(train_ids)}
     train: List[TrainPair] = []
-    train_bt: List[Optional[str]] = []
+    fields = list(dict.fromkeys(name for e in by_split["train"] for name in e.alternatives))
+    alternatives: Dict[str, List[Optional[str]]] = {name: [] for name in fields}
     for image_id, e in enumerate(by_split["train"]):
         path = os.path.join(img_dir, e.rel_path)
         train.extend((label[e.pid], image_id, path, c) for c in e.captions)
-        train_bt.extend(e.captions_bt or [None] * len(e.captions))
+        for name in fields:
+            alternatives[name].extend(e.alternatives.get(name) or [None] * len(e.captions))
 
     def eval_split(items: List[Entry]) -> Dict[str, list]:
         d = empty_split()
@@ -321,7 +336,7 @@ def build_splits(name: str, dataset_dir: str, entries: Sequence[Entry], val_hold
 
     dataset = PedesDataset(name, dataset_dir, train, eval_split(by_split["val"]), eval_split(by_split["test"]),
                            dict(enumerate(train_ids)))
-    dataset.train_bt = train_bt if any(bt is not None for bt in train_bt) else None
+    dataset.train_alternatives = alternatives
     return dataset
 
 

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from datasets import demo_render
-from utils.cli import Command, Flag, integer, parse_command_line
+from utils.cli import command, integer, parse_command_line
 from utils.errors import UserError, short_repr
 
 DATASET_NAME = "Demo-PEDES"
@@ -351,11 +351,11 @@ def generate_demo_pedes(dataset_dir: str, seed: int = 0, num_train_ids: int = 60
         raise
 
 
-COMMAND = Command("python -m datasets.demo_pedes", "Generate the Demo-PEDES data set.", overrides=False, flags=(
-    Flag("root_dir", "folder that receives Demo-PEDES/", default="./data"),
-    Flag("seed", "generation seed (same seed, same files); seed N > 0 writes Demo-PEDES_seed<N>/", type=integer,
-         default=0),
-    Flag("force", "regenerate even if the folder exists", nargs=0)))
+COMMAND = command("python -m datasets.demo_pedes", "Generate the Demo-PEDES data set.", options=False)
+COMMAND.add_argument("--root_dir", default="./data", help="folder that receives Demo-PEDES/")
+COMMAND.add_argument("--seed", type=integer, default=0,
+                     help="generation seed (same seed, same files); seed N > 0 writes Demo-PEDES_seed<N>/")
+COMMAND.add_argument("--force", action="store_true", help="regenerate even if the folder exists")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,6 +1,7 @@
-"""torch Datasets: training image-caption pairs (with optional MLM inputs), and the evaluation images and texts.
+"""torch Datasets: training image-caption pairs (with the token inputs the losses need), and the evaluation images
+and texts.
 
-Reproducibility: every random choice of a training item (augmentation, MLM masking) is a pure function of
+Reproducibility: every random choice of a training item (augmentation, token inputs) is a pure function of
 (seed, epoch, index). Each item runs its transform and masking under a forked torch RNG seeded from those three
 numbers, so items are identical for any number of workers and after a resume, and the global RNG (dropout,
 initialisation) is left untouched.
@@ -16,9 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.config import check_options
 from utils.errors import UserError
-from utils.tokenizer import mask_tokens, tokenize
+from utils.tokenizer import tokenize
 
 
 def read_image(path: str) -> Image.Image:
@@ -86,34 +86,31 @@ class PreloadedImages:
 
 class ImageTextDataset(Dataset):
     """Training pairs `(pid, image_id, img_path, caption)` -> dict of `pids`, `image_ids`, `indices` (the pair's
-    position in the training set), `images`, `caption_ids` and, with `mlm`, `mlm_ids` and `mlm_labels` (SPEC 3);
-    with `views` ({name: transform}, what the losses ask for), `view_<name>` for each.
+    position in the training set), `images`, `caption_ids`, what each of `token_inputs` adds (datasets/augment.py)
+    and, with `views` ({name: transform}, what the losses ask for), `view_<name>` for each.
 
     Images are read from disk, or taken from `images` (PreloadedImages) when given; `transform` and the views
     apply to what either gives (a PIL image, or the preloaded tensor). Captions pass through `augment_text` (a
-    text-stage augmentation of datasets/augment.py, given the pair's `captions_bt` when `back_translations` has
-    one) before tokenisation, and through `augment_caption` (a token-stage one) after it.
+    text-stage augmentation of datasets/augment.py, given the pair's texts of each field of `alternatives`, {field:
+    one text or None per pair}) before tokenisation, and through `augment_caption` (a token-stage one) after it.
     """
 
     def __init__(self, pairs: Sequence[Tuple[int, int, str, str]], transform: Optional[Callable] = None,
-                 text_length: int = 77, mlm: bool = False, mask_rate: float = 0.15, replace_mask: float = 0.8,
-                 replace_random: float = 0.1, seed: int = 0, images: Optional[PreloadedImages] = None,
+                 text_length: int = 77, seed: int = 0, images: Optional[PreloadedImages] = None,
                  augment_caption: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  augment_text: Optional[Callable[[str, Dict[str, str]], str]] = None,
-                 back_translations: Optional[Sequence[Optional[str]]] = None,
-                 views: Optional[Dict[str, Callable]] = None):
+                 alternatives: Optional[Dict[str, Sequence[Optional[str]]]] = None,
+                 views: Optional[Dict[str, Callable]] = None,
+                 token_inputs: Sequence[Callable[[torch.Tensor], Dict[str, torch.Tensor]]] = ()):
         self.pairs = pairs
         self.transform = transform
         self.images = images
-        self.mlm = mlm
-        self.mask_rate = mask_rate
-        self.replace_mask = replace_mask
-        self.replace_random = replace_random
+        self.token_inputs = list(token_inputs)
         self.seed = seed
         self.epoch = 0
         self.augment_caption = augment_caption
         self.augment_text = augment_text
-        self.back_translations = back_translations
+        self.alternatives = dict(alternatives or {})
         self.views = dict(views or {})
         self.text_length = text_length
         self.caption_ids = _Captions([p[3] for p in pairs], text_length)
@@ -128,8 +125,8 @@ class ImageTextDataset(Dataset):
     def _caption(self, index: int) -> torch.Tensor:
         if self.augment_text is None:
             return self.caption_ids[index]
-        bt = self.back_translations[index] if self.back_translations is not None else None
-        text = self.augment_text(self.pairs[index][3], {"captions_bt": bt} if bt else {})
+        others = {name: texts[index] for name, texts in self.alternatives.items() if texts[index]}
+        text = self.augment_text(self.pairs[index][3], others)
         return tokenize(text, self.text_length, truncate=True)[0]
 
     def __getitem__(self, index: int) -> Dict[str, object]:
@@ -147,10 +144,8 @@ class ImageTextDataset(Dataset):
             if self.augment_caption is not None:
                 caption_ids = self.augment_caption(caption_ids)
             item["caption_ids"] = caption_ids
-            if self.mlm:
-                item["mlm_ids"], item["mlm_labels"] = mask_tokens(
-                    caption_ids, mask_rate=self.mask_rate, replace_mask=self.replace_mask,
-                    replace_random=self.replace_random)
+            for inputs in self.token_inputs:
+                item.update(inputs(caption_ids))
             # Views come last, so that a run without them draws exactly what it drew before they existed.
             for name, view in self.views.items():
                 item[f"view_{name}"] = view(img)
@@ -189,10 +184,3 @@ class TextDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, object]:
         return {"pids": self.pids[index], "caption_ids": self.caption_ids[index]}
-
-
-def mlm_options(masked_token_rate: float, masked_token_unchanged_rate: float) -> Dict[str, float]:
-    """ImageTextDataset keyword arguments from the config's MLM rates (the rest are random replacements)."""
-    check_options({"masked_token_rate": masked_token_rate, "masked_token_unchanged_rate": masked_token_unchanged_rate})
-    replace_random = 1.0 - masked_token_rate - masked_token_unchanged_rate
-    return {"replace_mask": masked_token_rate, "replace_random": max(replace_random, 0.0)}

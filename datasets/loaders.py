@@ -8,9 +8,9 @@ import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datasets.augment import caption_augment
+from datasets.augment import caption_augment, token_inputs
 from datasets.base import PedesDataset
-from datasets.image_text import ImageDataset, ImageTextDataset, PreloadedImages, TextDataset, mlm_options
+from datasets.image_text import ImageDataset, ImageTextDataset, PreloadedImages, TextDataset
 from datasets.samplers import RandomIdentitySampler, ShuffleSampler
 from datasets.transforms import VIEWS, build_transforms, recipe
 from utils.errors import UserError
@@ -44,7 +44,7 @@ def per_process_batch_size(cfg, world_size: int) -> int:
 
 def build_train_loader(cfg, dataset: PedesDataset, rank: int = 0, world_size: int = 1,
                        views: Sequence[str] = ()) -> DataLoader:
-    """The training DataLoader over `dataset.train` (augmented images, tokens, MLM inputs when 'mlm' is a loss,
+    """The training DataLoader over `dataset.train` (augmented images, tokens, the token inputs the config enables,
     and the extra image `views` the losses ask for, datasets/transforms.VIEWS).
 
     The sampler follows `cfg.sampler`; both it and the data set are seeded from `cfg.seed` and the epoch, which
@@ -66,11 +66,10 @@ def build_train_loader(cfg, dataset: PedesDataset, rank: int = 0, world_size: in
         raise UserError(f"config: the losses ask for the image view(s) {', '.join(unknown)}, which no module "
                         f"registered (registered: {', '.join(VIEWS)})")
     text_fn, token_fn = caption_augment(cfg.caption_augment)
-    train_set = ImageTextDataset(dataset.train, transform, cfg.text_length, mlm="mlm" in cfg.losses,
-                                 seed=cfg.seed, images=images, augment_caption=token_fn, augment_text=text_fn,
-                                 back_translations=dataset.train_bt,
-                                 views={v: view_of(VIEWS[v](r)) for v in views},
-                                 **mlm_options(cfg.masked_token_rate, cfg.masked_token_unchanged_rate))
+    train_set = ImageTextDataset(dataset.train, transform, cfg.text_length, seed=cfg.seed, images=images,
+                                 augment_caption=token_fn, augment_text=text_fn,
+                                 alternatives=dataset.train_alternatives,
+                                 views={v: view_of(VIEWS[v](r)) for v in views}, token_inputs=token_inputs(cfg))
     if cfg.sampler == "identity":
         sampler = RandomIdentitySampler([p[0] for p in dataset.train], batch_size, cfg.num_instance, cfg.seed,
                                         num_replicas=world_size, rank=rank)

@@ -127,6 +127,6 @@ def apply_noise(dataset: PedesDataset, rate: float, seed: int, noisy_file: str =
     train: List[TrainPair] = [(pid, image_id, path, captions[j])
                               for (pid, image_id, path, _), j in zip(dataset.train, noisy.permutation.tolist())]
     dataset.train = train
-    if dataset.train_bt is not None:  # a back-translation goes with its caption
-        dataset.train_bt = [dataset.train_bt[j] for j in noisy.permutation.tolist()]
+    for name, texts in dataset.train_alternatives.items():  # a caption's other texts go with it
+        dataset.train_alternatives[name] = [texts[j] for j in noisy.permutation.tolist()]
     return noisy

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from datasets.base import (AnnotationFormat, Annotations, PedesDataset, dataset_from_annotations, locate,
                            read_annotation_file)
 from utils.errors import UserError, did_you_mean, short_repr
-from utils.plugins import declare
+from utils.plugins import declare, load_methods
 from utils.schema import Option
 
 
@@ -76,6 +76,7 @@ def dataset_from_config(cfg, check_images: bool = True, generate: bool = False) 
     check (for callers that check the images they use). Only with `generate` (training) may a generated data set
     (Demo-PEDES) be written where it is missing; evaluating, serving and checking never write a data set.
     """
+    load_methods()  # the caption fields the methods register are read with the entries
     spec = DATASETS.get(cfg.dataset_name)
     if spec is None:
         raise UserError(f"unknown data set {short_repr(cfg.dataset_name)}{did_you_mean(cfg.dataset_name, DATASETS)}; expected one of "

@@ -193,9 +193,9 @@ def markdown_matrix(results: Sequence[RunResult], test_sets: Sequence[TestSet], 
     files = [f"{s.name} = {s.annotation_file}" for s in test_sets if s.annotation_file]
     where = [f"{', '.join(found)} under {os.path.abspath(root_dir)}"] if found else []
     lines.append("Test sets: " + "; ".join(where + files) + ".")
-    batch_dependent = [r.label for r in results if r.compat == "php_v1"]
+    batch_dependent = [r.label for r in results if r.compat not in ("", "none")]
     lines.append("Embeddings: batch-independent (compat none) for every run." if not batch_dependent else
-                 "Embeddings: batch-dependent (compat php_v1, SPEC 8) for " + ", ".join(batch_dependent) +
+                 "Embeddings: batch-dependent (a release's compat mode) for " + ", ".join(batch_dependent) +
                  "; batch-independent (compat none) for the others.")
     if notes:
         lines += ["", "Notes (empty cells):"] + [f"- {_escape(n)}" for n in notes]
@@ -227,7 +227,7 @@ def cross_domain_matrix(request: EvaluationRequest, root_dir: str, files: Sequen
     runs = runs_to_evaluate(request.runs)
     evaluation = CrossEvaluation(request, root_dir, skip_missing_images, logging.getLogger("php"))
     with warnings.catch_warnings():
-        # Every run evaluated in php_v1 mode warns, not only the first one (Python shows a warning once per line).
+        # Every run evaluated in a batch-dependent mode warns, not only the first (Python shows a warning once a line).
         warnings.simplefilter("always", CompatibilityWarning)
         results = [evaluation.evaluate(run, test_sets, request.compat) for run in runs]
     matrix = markdown_matrix(results, test_sets, root_dir, evaluation.notes)

@@ -94,8 +94,8 @@ def embed_loaders(model: torch.nn.Module, images: Optional[Iterable] = None, tex
     declared similarity) unless `normalize=False` (every named embedding, raw, side by side); `keep_raw` adds those
     as `image_raw` / `text_raw` beside the features. The model runs in
     eval mode under `torch.inference_mode()` on its own device, under autocast for "bf16" / "fp16"; every
-    module's train/eval mode is restored afterwards. `model.reset_expert_usage()`, when the model has it, is
-    called first, so expert-usage counts cover exactly this call. A malformed batch, an encoder output that does
+    module's train/eval mode is restored afterwards. `model.reset_reports()`, when the model has it, is called
+    first, so what the heads measure (model/head.py Head.report) covers exactly this call. A malformed batch, an encoder output that does
     not fit its batch, or an empty loader is a UserError naming the loader.
     """
     precision = check_precision(precision)
@@ -103,7 +103,7 @@ def embed_loaders(model: torch.nn.Module, images: Optional[Iterable] = None, tex
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        reset = getattr(model, "reset_expert_usage", None)
+        reset = getattr(model, "reset_reports", None)
         if callable(reset):
             reset()
         with torch.inference_mode():

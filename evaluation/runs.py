@@ -19,19 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from datasets import dataset_from_config
 from datasets.loaders import build_eval_loaders
-from evaluation.embed import embed_loaders
+from evaluation.evaluator import Evaluator
 from evaluation.eval_log import append_evaluation, count_test_evaluations
-from evaluation.scoring import feature_metrics
 from evaluation.search import shown_path
 from evaluation.testing import run_changes
 from evaluation.summary import METRICS, Row, csv_table, experiment_key, markdown_table, with_groups
 from model import load_model
-from model.checkpoint_compat import TBPS, efp_attention_for, looks_like_tbps_config, translate_published_config
-from model.loading import RUN_FILES, CompatibilityWarning, LoadedRun
+from model.layouts import LAYOUTS, recognised_layout, run_files, translate_published_config
+from model.loading import CompatibilityWarning, LoadedRun
 from utils.config import Config, config_from_values, read_yaml
 from utils.env import resolve_device
 from utils.errors import UserError
@@ -59,11 +57,12 @@ class EvaluationRequest:
 
 
 def discover_runs(logs_dir: str = LOGS) -> List[str]:
-    """Every folder under `logs_dir` (any depth) that holds a run: configs.yaml and best.pth, or TBPS-CLIP's
-    config.yaml and checkpoint_best.pth (model.loading.RUN_FILES); sorted."""
+    """Every folder under `logs_dir` (any depth) that holds a run: configs.yaml and best.pth, or the files a
+    published layout names (model/layouts.py run_files: TBPS-CLIP's config.yaml and checkpoint_best.pth); sorted."""
     found = []
+    pairs = run_files()
     for folder, _, files in os.walk(logs_dir):
-        if any(config in files and checkpoint in files for config, checkpoint in RUN_FILES):
+        if any(config in files and checkpoint in files for config, checkpoint in pairs):
             found.append(os.path.normpath(folder))
     return sorted(found)
 
@@ -93,11 +92,12 @@ def config_path(run: str) -> str:
         return run
     if not os.path.isdir(run):
         raise UserError(f"run folder not found: {run}")
-    for config, checkpoint in RUN_FILES:
+    for config, checkpoint in run_files():
         if os.path.isfile(os.path.join(run, config)) and (config == "configs.yaml" or
                                                           os.path.isfile(os.path.join(run, checkpoint))):
             return os.path.join(run, config)
-    raise UserError(f"run folder {run} has no configs.yaml (nor TBPS-CLIP's config.yaml with checkpoint_best.pth)")
+    others = " or ".join(f"{c} with {k}" for c, k in run_files() if c != "configs.yaml")
+    raise UserError(f"run folder {run} has no configs.yaml{f' (nor {others})' if others else ''}")
 
 
 def run_config(run: str, overrides: Dict[str, Any]) -> Config:
@@ -111,8 +111,9 @@ def run_values(run: str) -> Dict[str, Any]:
     """The values of the run's config file, TBPS-CLIP's nested ones translated (nothing imported)."""
     path = config_path(run)
     values = read_yaml(path)
-    if looks_like_tbps_config(values):  # TBPS-CLIP's nested config.yaml: its meaning here
-        values = translate_published_config(values, TBPS, path)
+    layout = recognised_layout(values)
+    if layout is not None:  # a release's config.yaml of its own shape (TBPS-CLIP's nested one): its meaning here
+        values = translate_published_config(values, layout, path)
     return values
 
 
@@ -175,56 +176,29 @@ class SplitCache:
 
 
 def compat_modes(run: LoadedRun, requested: str) -> List[str]:
-    """The compatibility modes to evaluate a loaded run in, in row order."""
-    if requested == "auto" and run.layout == "php_v1":
-        return ["php_v1", "none"]
+    """The compatibility modes to evaluate a loaded run in, in row order: a published run's own mode, then 'none'
+    (unless one mode is asked for)."""
+    reference = LAYOUTS[run.layout].mode
+    if requested == "auto" and reference != "none":
+        return [reference, "none"]
     return [run.compat]
 
 
 def mode_note(compat: str, cfg: Config, metrics: dict) -> str:
-    """The note of a successful row: the php_v1 protocol it followed, queries left out of the means."""
+    """The note of a successful row: the reference protocol it followed, queries left out of the means."""
     notes = []
-    if compat == "php_v1":
-        notes.append(f"batch-dependent (SPEC 8): file order, test_batch_size {cfg.test_batch_size}")
+    if compat != "none":
+        notes.append(f"batch-dependent, as the release ({compat}): file order, test_batch_size {cfg.test_batch_size}")
     if metrics.get("num_queries_without_match"):
         notes.append(f"{metrics['num_queries_without_match']} queries without a match left out")
     return "; ".join(notes)
 
 
-class ModesEncoder(torch.nn.Module):
-    """A model's retrieval features in several compat modes side by side ([B, modes x F]).
-
-    One pass over the data then serves every mode, and each mode still sees exactly the batches a separate
-    evaluation would (file order, test_batch_size), so php_v1 numbers are those of the reference protocol.
-    """
-
-    def __init__(self, run: LoadedRun, modes: Sequence[str]):
-        super().__init__()
-        self.model, self.layout, self.configured = run.model, run.layout, run.cfg.efp_attention
-        self.modes = list(modes)
-
-    def features(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
-        outputs = []
-        for mode in self.modes:
-            self.model.set_efp_attention(efp_attention_for(mode, self.layout, self.configured))
-            outputs.append(self.model.features(modality, inputs))
-        return torch.cat(outputs, dim=1)
-
-
 def evaluate_modes(run: LoadedRun, modes: Sequence[str], loaders: Sequence[Iterable], desc: str = "eval"
                    ) -> Dict[str, dict]:
     """t2i metrics (as `retrieval_metrics` returns them) of the run's model in each compat mode, from one pass
-    over `loaders` (the image loader, the text loader)."""
-    feats = embed_loaders(ModesEncoder(run, modes), *loaders, precision=run.cfg.precision, desc=desc)
-    device = next(run.model.parameters()).device
-    width = run.model.feature_dim
-    results = {}
-    for k, mode in enumerate(modes):
-        columns = slice(k * width, (k + 1) * width)
-        results[mode] = feature_metrics(feats["text_feats"][:, columns], feats["image_feats"][:, columns],
-                                        feats["text_pids"], feats["image_pids"], device=device)["t2i"]
-    run.model.set_efp_attention(efp_attention_for(run.compat, run.layout, run.cfg.efp_attention))
-    return results
+    over `loaders` (the image loader, the text loader): the evaluator of test.py, in several modes."""
+    return Evaluator(*loaders, precision=run.cfg.precision, desc=desc).evaluate_modes(run.model, modes)
 
 
 @functools.lru_cache(maxsize=1)
@@ -336,7 +310,7 @@ def evaluate_folders(request: EvaluationRequest) -> List[Row]:
     isolate = len(runs) > 1 and not request.debug and isolation.available()
     rows: List[Row] = []
     with warnings.catch_warnings():
-        # Every run evaluated in php_v1 mode warns, not only the first one (Python shows a warning once per line).
+        # Every run evaluated in a batch-dependent mode warns, not only the first (Python shows a warning once a line).
         warnings.simplefilter("always", CompatibilityWarning)
         for run in runs:
             try:

@@ -48,6 +48,7 @@ from evaluation.visualize import Hit, ResultRow
 from evaluation.scoring import similarity
 from model import load_model
 from model.similarity import DEFAULT
+from model.layouts import LAYOUTS
 from model.loading import LoadedRun
 from utils.config import read_yaml
 from utils.env import autocast, resolve_device
@@ -94,15 +95,12 @@ def unique_names(names: Sequence[str], folders: Sequence[str]) -> List[str]:
     return out
 
 
-# The method of each published checkpoint layout (model/checkpoint_compat.py), for runs whose config names none.
-LAYOUT_METHODS = {"php_v1": "PHP", "irra": "IRRA", "rde": "RDE", "tbps": "TBPS-CLIP"}
-
-
 def run_name(run: LoadedRun, config_file: str, overrides: Optional[dict] = None) -> str:
     """The run's `name` option; a published run whose config gives none (TBPS-CLIP's config.yaml never does) is
-    named by its method, since the option's default ('php') would call any method PHP."""
-    if run.layout in LAYOUT_METHODS and "name" not in (overrides or {}) and "name" not in read_yaml(config_file):
-        return LAYOUT_METHODS[run.layout]
+    named by its layout's method (model/layouts.py), since the option's default names no run."""
+    method = LAYOUTS[run.layout].method
+    if method and "name" not in (overrides or {}) and "name" not in read_yaml(config_file):
+        return method
     return run.cfg.name
 
 

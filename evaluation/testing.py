@@ -14,15 +14,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
+
 from datasets import dataset_from_config
 from datasets.loaders import build_eval_loaders
 from evaluation.audit import run_audit
 from evaluation.eval_log import append_evaluation
 from evaluation.evaluator import Evaluator
-from evaluation.expert_report import report_expert_usage
 from evaluation.metrics import METRIC_KEYS
 from model import load_model
-from model.loading import LoadedRun
+from model.layouts import PROJECT
+from model.loading import LoadedRun, read_state_dict
 from utils.env import resolve_device
 from utils.files import write_atomic
 from utils.provenance import evaluation_provenance, sha256_file
@@ -65,6 +67,21 @@ def test_run(request: TestRequest) -> int:
         if request.audit:
             return _audit(run, split, request, run_dir, dataset.annotation_file)
         return _evaluate(run, split, request, run_dir, dataset.annotation_file)
+
+
+def test_trained(cfg, model: torch.nn.Module, dataset, run_dir: str) -> int:
+    """Test a run just trained in this process, as test_run would test its folder, without building its config,
+    data set and model again: `model` (the trained one) takes the weights of the run's best.pth, and the test split
+    is `dataset`'s, the one it trained on. Returns 0."""
+    path = os.path.join(run_dir, "best.pth")
+    state, trained_with, verified = read_state_dict(path)
+    verified.result()
+    model.load_state_dict(state)
+    run = LoadedRun(model.eval(), cfg, PROJECT, model.mode, path, trained_with)
+    request = TestRequest(os.path.join(run_dir, "configs.yaml"))
+    logger.info("evaluating %s on %s/test (compat %s)", path, cfg.dataset_name, run.compat)
+    with RunLock(run_dir, "test.py"):
+        return _evaluate(run, dataset.split("test"), request, run_dir, dataset.annotation_file)
 
 
 def run_changes(run: LoadedRun, annotation_file: Optional[str]) -> List[str]:
@@ -143,9 +160,7 @@ def _evaluate(run: LoadedRun, split: dict, request: TestRequest, run_dir: str,
     record["provenance"] = _provenance(run, request, annotation_file, cfg.precision, started)
     _log_look(run_dir, request, "test", run, {k: record[k] for k in ("t2i", "i2t") if k in record},
               record["provenance"])
-    usage = model.expert_usage()
-    if usage:
-        record["expert_usage"] = report_expert_usage(usage, run_dir)
+    record.update(model.reports(run_dir))  # what the heads measured over the test split (model/head.py)
     results_path = os.path.join(run_dir, "test_results.json")
     write_results(results_path, record, keep=("audit",))
     logger.info("results written to %s", results_path)

@@ -5,11 +5,10 @@ from typing import Optional, Sequence
 
 from open_clip.model import CLIP
 
-# The built-in heads and losses register themselves when imported; PHP first, so that the model's parameters
-# (and with them a saved optimizer state) keep their order: backbone, php, classifier, mlm.
-from model import php_head, irra_head, losses, tse, tal, tbps  # noqa: F401
+from model import losses  # noqa: F401 - the shared losses register themselves
 from model.backbone import build_backbone
-from model.registry import HEADS, LOSSES, HeadContext, loss_weight
+from model.registry import HEADS, LOSSES, HeadContext, loss_weight, ordered_heads, ordered_losses
+from utils.plugins import load_methods
 from model.retrieval_model import ActiveLoss, RetrievalModel
 from utils.errors import UserError, did_you_mean, short_repr
 
@@ -21,6 +20,7 @@ def _unknown(kind: str, name: str, registered) -> UserError:
 
 def check_model_config(cfg) -> None:
     """Every loss and head the config names is registered and can work with the config; else one line."""
+    load_methods()
     for name in cfg.losses:
         if name not in LOSSES:
             raise _unknown("loss", name, LOSSES)
@@ -52,9 +52,12 @@ def build_model(cfg, num_classes: int = 0, backbone: Optional[CLIP] = None,
     context = HeadContext(dim=backbone.text_projection.shape[1], num_classes=num_classes,
                           vocab_size=backbone.vocab_size)
     needed = {head for name in cfg.losses for head in LOSSES[name].needs} | set(with_heads)
-    heads = {name: spec.build(cfg, context) for name, spec in HEADS.items() if spec.enabled(cfg) or name in needed}
-    active = {name: ActiveLoss(spec, loss_weight(spec, cfg), cfg) for name, spec in LOSSES.items()
-              if name in cfg.losses}
+    # Built in their declared order: it fixes the order of the parameters (a saved optimizer state's) and of the
+    # draws their initialisation takes from the RNG.
+    heads = {name: HEADS[name].build(cfg, context)
+             for name in ordered_heads(n for n, spec in HEADS.items() if spec.enabled(cfg) or n in needed)}
+    active = {name: ActiveLoss(LOSSES[name], loss_weight(LOSSES[name], cfg, list(heads)), cfg)
+              for name in ordered_losses(n for n in LOSSES if n in cfg.losses)}
     return RetrievalModel(backbone, heads, active, cfg.temperature)
 
 

@@ -67,3 +67,30 @@ class Head(nn.Module):
     def batch_dependent(self) -> bool:
         """True when an embedding depends on the other samples of its batch."""
         return False
+
+    # Evaluation modes. 'none' is every head's own; a head may also reproduce a reference release's behaviour
+    # under a name of its own (the mode a published layout is evaluated in, model/layouts.py).
+    modes: Tuple[str, ...] = ()
+
+    @property
+    def mode(self) -> str:
+        """The mode the head runs in now."""
+        return "none"
+
+    def set_mode(self, mode: str) -> Dict[str, Any]:
+        """Run in `mode` ('none', or one of `modes`; other heads' modes leave this one as it is); returns the
+        options that mode means for the run's config."""
+        return {}
+
+    def mode_warning(self) -> str:
+        """What a user must know while the head runs in a mode other than 'none' (its batch dependence)."""
+        return ""
+
+    # What a head measures during an evaluation (the embedding pass resets it first).
+    def reset_report(self) -> None:
+        pass
+
+    def report(self, out_dir: Optional[str] = None) -> Dict[str, Any]:
+        """The measurements since reset_report, as {record key: JSON-ready value} for the run's results; may log
+        them and write files into `out_dir`. {} when there is nothing to report."""
+        return {}

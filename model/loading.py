@@ -1,9 +1,11 @@
-"""`load_model`: a trained run (this project's, or a published IRRA / PHP folder) ready for evaluation.
+"""`load_model`: a trained run (this project's, or a published release's folder, model/layouts.py) ready for
+evaluation.
 
-Every size comes from the checkpoint itself (no CLIP file and no data set are read). `compat` decides how the
-PHP head's EFP attention runs: 'none' within each sample (batch-independent embeddings), 'php_v1' across the
-batch as in the PHP reference release (SPEC 8), 'auto' = php_v1 for a published PHP checkpoint, otherwise what
-the run's config says.
+Every size comes from the checkpoint itself (no CLIP file and no data set are read): the backbone's, and the
+options each head's weights imply (HeadSpec.sizes). `compat` decides the evaluation mode: 'none' is every head's
+own (batch-independent embeddings); a head may reproduce a reference release under a mode of its own (the PHP
+head's 'php_v1' attends across the batch, SPEC 8); 'auto' is the mode a published layout was evaluated in, and
+for this project's runs what their config says.
 """
 from __future__ import annotations
 
@@ -18,22 +20,16 @@ import torch
 
 from model.backbone import build_clip, shape_from_state_dict
 from model.build import build_model
-from model.checkpoint_compat import (COMPAT_MODES, PROJECT, compat_of, detect_layout, efp_attention_for, head_sizes,
-                                     map_published_state_dict, strip_module_prefix, translate_published_config)
+from model.layouts import (PROJECT, compat_modes, detect_layout, map_published_state_dict, mode_for, run_files,
+                           strip_module_prefix, translate_published_config)
 from model.registry import HEADS
 from model.retrieval_model import RetrievalModel
 from utils.checkpoint import read_checkpoint, verify_in_background
 from utils.config import Config, config_from_values, read_yaml
 from utils.errors import UserError
-from utils.plugins import changed_plugins
+from utils.plugins import changed_plugins, load_methods
 
 logger = logging.getLogger("php")
-
-COMPAT_WARNING = (
-    "compatibility mode php_v1: the EFP attention runs ACROSS THE BATCH as in the PHP reference release, so each "
-    "embedding depends on the other samples in its batch and test numbers depend on the test-set order and batch "
-    "size (SPEC 8). Use compat 'none' (--compat none) for batch-independent embeddings.")
-
 
 class CompatibilityWarning(UserWarning):
     """Raised (as a warning) whenever a model runs with batch-dependent embeddings."""
@@ -45,8 +41,8 @@ class LoadedRun:
 
     model: RetrievalModel  # in eval mode, on the requested device
     cfg: Config  # the run's config, resolved: the file, the checkpoint's sizes, the overrides
-    layout: str  # of the checkpoint: 'project', 'php_v1', 'irra' or 'rde'
-    compat: str  # how the model runs: 'none' (batch-independent embeddings) or 'php_v1'
+    layout: str  # of the checkpoint: 'project' or a published release's (model/layouts.py)
+    compat: str  # the mode the model runs in: 'none' (batch-independent embeddings) or a head's reference mode
     checkpoint_path: str
     # What the run trained with, as its checkpoint records it (utils.provenance.code_and_data; empty for
     # published checkpoints): commit, annotations_sha256, plugins_sha256.
@@ -55,14 +51,9 @@ class LoadedRun:
     changes: Tuple[str, ...] = ()
 
 
-# The forms of a run folder: (config, checkpoint) file names. This project's runs and the IRRA / PHP / RDE
-# releases write configs.yaml and best.pth; TBPS-CLIP's code writes config.yaml and checkpoint_best.pth.
-RUN_FILES = (("configs.yaml", "best.pth"), ("config.yaml", "checkpoint_best.pth"))
-
-
 def find_checkpoint(config_file: str, checkpoint: Optional[str]) -> str:
     folder = os.path.dirname(os.path.abspath(config_file))
-    name = dict(RUN_FILES).get(os.path.basename(config_file), "best.pth")
+    name = dict(run_files()).get(os.path.basename(config_file), "best.pth")
     path = checkpoint or os.path.join(folder, name)
     if not os.path.isfile(path):
         where = f"run folder {folder} has no {name}" if not checkpoint else f"checkpoint not found: {checkpoint}"
@@ -83,12 +74,22 @@ def read_state_dict(path: str, trusted: bool = False) -> Tuple[Dict[str, torch.T
     return strip_module_prefix(state), dict(provenance) if isinstance(provenance, dict) else {}, verified
 
 
+def head_sizes(state: Dict[str, torch.Tensor], dim: int) -> Dict[str, Any]:
+    """The options the heads' weights imply (HeadSpec.sizes), for a state dict in this project's names."""
+    load_methods()
+    sizes: Dict[str, Any] = {}
+    for spec in HEADS.values():
+        if spec.sizes is not None:
+            sizes.update(spec.sizes(state, dim))
+    return sizes
+
+
 def load_model(config_file: str, checkpoint: Optional[str] = None, device: str = "cpu", compat: str = "auto",
                overrides: Optional[Dict[str, Any]] = None, trusted: bool = False) -> LoadedRun:
     """The run of a config file: its model in eval mode on `device`, with its config, the checkpoint's layout,
     the compat mode the model runs in and the checkpoint's path (see LoadedRun)."""
-    if compat not in COMPAT_MODES:
-        raise UserError(f"compat must be one of {', '.join(COMPAT_MODES)}; got {compat!r}")
+    if compat not in compat_modes():
+        raise UserError(f"compat must be one of {', '.join(compat_modes())}; got {compat!r}")
     raw = read_yaml(config_file)
     path = find_checkpoint(config_file, checkpoint)
     state, trained_with, verified = read_state_dict(path, trusted)
@@ -121,16 +122,15 @@ def load_model(config_file: str, checkpoint: Optional[str] = None, device: str =
             parts.append(f"unexpected {', '.join(result.unexpected_keys[:4])}")
         raise UserError(f"{path}: weights do not match the model of {config_file}: {'; '.join(parts)}")
 
-    mode = efp_attention_for(compat, layout, cfg.efp_attention)
-    model.set_efp_attention(mode)
-    if model.php is not None:
-        cfg.efp_attention = mode
+    mode = mode_for(compat, layout)
+    if mode is not None:
+        for key, value in model.set_mode(mode).items():
+            setattr(cfg, key, value)  # the config says how the model runs
     if model.batch_dependent:
-        warnings.warn(COMPAT_WARNING, CompatibilityWarning, stacklevel=2)
+        warnings.warn(model.mode_warning(), CompatibilityWarning, stacklevel=2)
     changes = tuple(f"plug-in {change}" for change in
                     changed_plugins(trained_with.get("plugins_sha256") or {}, cfg.custom_imports)) \
         if "plugins_sha256" in trained_with else ()
     for change in changes:
         logger.warning("%s: %s: its results may differ from the trained run's", config_file, change)
-    return LoadedRun(model.to(device).eval(), cfg, layout, compat_of(model.batch_dependent), path, trained_with,
-                     changes)
+    return LoadedRun(model.to(device).eval(), cfg, layout, model.mode, path, trained_with, changes)

@@ -6,7 +6,6 @@ registered names (loss_names) are at the end of the file; a plug-in registers it
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,32 +51,11 @@ def cmpm_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, pids: torch.T
     return _matching_kl(image_proj_text, target) + _matching_kl(text_proj_image, target)
 
 
-def id_loss(image_logits: torch.Tensor, text_logits: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
-    """Identity classification of both modalities, averaged."""
-    return (F.cross_entropy(image_logits, pids) + F.cross_entropy(text_logits, pids)) / 2
-
-
-def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the masked-token predictions (already restricted to labelled positions)."""
-    if labels.numel() == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels)
-
-
 # --------------------------------------------------------------------------------------- registered losses
 # `out` holds the step's tensors (RetrievalModel.forward lists them); the model computes every loss with autocast
 # off, on float32 features, as the references do.
 
-def _php(cfg) -> bool:
-    return cfg.php_modules != "none"
-
-
-def _reference_weight(value: Callable[[Any], Optional[float]], php_default: float) -> Callable[[Any], float]:
-    """A weight option that is empty by default: the PHP reference's value with a PHP head, 1 without."""
-    return lambda cfg: float(value(cfg)) if value(cfg) is not None else (php_default if _php(cfg) else 1.0)
-
-
-@register_loss("itc", weight=_reference_weight(lambda cfg: cfg.itc_loss_weight, 5.0), global_batch=True)
+@register_loss("itc", weight="itc_loss_weight", global_batch=True)
 def _itc(out, cfg) -> torch.Tensor:
     return itc_loss(out["image_feats"], out["text_feats"], out["logit_scale"])
 
@@ -90,25 +68,3 @@ def _sdm(out, cfg) -> torch.Tensor:
 @register_loss("cmpm", weight="cmpm_loss_weight", global_batch=True)
 def _cmpm(out, cfg) -> torch.Tensor:
     return cmpm_loss(out["image_feats"], out["text_feats"], out["pids"])
-
-
-@register_loss("id", weight="id_loss_weight", needs=("classifier",))
-def _id(out, cfg) -> Dict[str, torch.Tensor]:
-    image_logits, text_logits, pids = out["image_logits"].float(), out["text_logits"].float(), out["pids"]
-    return {"loss": id_loss(image_logits, text_logits, pids),
-            "img_acc": (image_logits.argmax(dim=1) == pids).float().mean(),
-            "txt_acc": (text_logits.argmax(dim=1) == pids).float().mean()}
-
-
-@register_loss("mlm", weight=_reference_weight(lambda cfg: cfg.mlm_loss_weight, 0.5), needs=("mlm",))
-def _mlm(out, cfg) -> Dict[str, torch.Tensor]:
-    logits, labels = out["mlm_logits"], out["mlm_labels"]
-    accuracy = (logits.argmax(dim=1) == labels).float().mean() if labels.numel() else logits.new_zeros(())
-    return {"loss": mlm_loss(logits, labels), "mlm_acc": accuracy}
-
-
-@register_loss("aux", weight="aux_factor", needs=("php",),
-               check=lambda cfg: None if "efp" in cfg.php_modules else
-               f"loss 'aux' needs the EFP (php_modules 'efp' or 'crfm+efp'); php_modules is {cfg.php_modules!r}")
-def _aux(out, cfg) -> torch.Tensor:
-    return out["image_aux"] + out["text_aux"]

@@ -17,7 +17,7 @@ that default), the name of an option, or a function of the config.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from utils.plugins import declare
@@ -48,9 +48,18 @@ class HeadSpec:
     lr_groups: Dict[str, Tuple[str, ...]]
     lr_factor: Union[str, float, None]
     owner: str
-    # The learning-rate factor of the head's biases (an option or a number), instead of bias_lr_factor: RDE trains
-    # its TSE layers' biases like their weights (1.0). None: bias_lr_factor.
+    # The learning-rate factor of the head's biases (an option or a number), instead of bias_lr_factor: a head may
+    # train its biases like its weights (1.0). None: bias_lr_factor.
     bias_lr_factor: Union[str, float, None] = None
+    # Where the head's parameters come in the model, and so in a saved optimizer state: heads are ordered by it,
+    # then by name, never by the order their modules happen to be imported in.
+    order: int = 100
+    # Default weights of other losses while this head is built: a loss whose weight option is empty takes it
+    # (a method's reference weights, e.g. {"itc": 5.0}); else 1.
+    loss_weights: Dict[str, float] = field(default_factory=dict)
+    # The options its weights imply, read from a state dict in this project's names (`<name>.*`) and the
+    # embedding width: how a checkpoint is rebuilt without the data set or the config's word for it.
+    sizes: Optional[Callable[[Dict[str, Any], int], Dict[str, Any]]] = None
 
     def lr_kind(self, param: str) -> str:
         """The kind of the head's parameter `param` (its name within the head): the kind of the submodule it
@@ -82,11 +91,14 @@ LOSSES: Dict[str, LossSpec] = {}
 
 def register_head(name: str, *, enabled: Optional[Callable[[Any], bool]] = None, lr_factor: Union[str, float,
                   None] = None, lr_groups: Optional[Dict[str, Sequence[str]]] = None,
-                  bias_lr_factor: Union[str, float, None] = None, options: Sequence[Option] = ()):
+                  bias_lr_factor: Union[str, float, None] = None, options: Sequence[Option] = (), order: int = 100,
+                  loss_weights: Optional[Dict[str, float]] = None,
+                  sizes: Optional[Callable[[Dict[str, Any], int], Dict[str, Any]]] = None):
     """Decorator for `build(cfg, ctx) -> Head`. Without `enabled`, the head is built when `cfg.heads` lists it.
     Declaring `lr_factor` (an option name or a number; 1.0 for the base lr) gives it a learning-rate group;
     `lr_groups` ({"factor" | "head_factor": [submodule, ...]}) sets the kind of its submodules (see HeadSpec);
-    `bias_lr_factor` (an option name or a number) the factor of its biases instead of the run's bias_lr_factor."""
+    `bias_lr_factor` (an option name or a number) the factor of its biases instead of the run's bias_lr_factor;
+    `order`, `loss_weights` and `sizes` as HeadSpec says."""
     def decorator(build):
         owner = declare(HEADS, "head", name, build.__module__, options)
         groups = {kind: tuple(modules) for kind, modules in (lr_groups or {}).items()}
@@ -94,7 +106,7 @@ def register_head(name: str, *, enabled: Optional[Callable[[Any], bool]] = None,
         if unknown:
             raise ValueError(f"head {name!r}: lr_groups kinds must be 'factor' or 'head_factor', got {sorted(unknown)}")
         HEADS[name] = HeadSpec(name, build, enabled or (lambda cfg: name in cfg.heads), groups, lr_factor, owner,
-                               bias_lr_factor)
+                               bias_lr_factor, order, dict(loss_weights or {}), sizes)
         return build
     return decorator
 
@@ -133,9 +145,34 @@ def loss_views(cfg) -> Tuple[str, ...]:
     return tuple(views)
 
 
-def loss_weight(spec: LossSpec, cfg) -> float:
+def ordered_losses(names) -> list:
+    """Loss names in the order the model computes (and the trainer sums) them: the shared losses, then each built-in
+    method's by package name, then plug-ins', each in the order they were registered. Not the order their modules
+    happen to be imported in, which would change the sum's last bits."""
+    registered = list(LOSSES)
+
+    def rank(name: str):
+        owner = LOSSES[name].owner
+        group = owner.split(".")[1] if owner.startswith("methods.") else ("" if owner.startswith("model.") else None)
+        return (0, group, registered.index(name)) if group is not None else (1, "", registered.index(name))
+    return sorted(names, key=rank)
+
+
+def ordered_heads(names) -> list:
+    """Head names in the order their parameters take in a model (HeadSpec.order, then name)."""
+    return sorted(names, key=lambda name: (HEADS[name].order, name))
+
+
+def loss_weight(spec: LossSpec, cfg, heads: Sequence[str] = ()) -> float:
+    """The loss's weight in a model with `heads`: its option's value; an empty one takes the first of those heads'
+    declared default (HeadSpec.loss_weights), else 1."""
     if callable(spec.weight):
         return float(spec.weight(cfg))
     if isinstance(spec.weight, str):
-        return float(getattr(cfg, spec.weight))
+        value = getattr(cfg, spec.weight)
+        if value is None:
+            declared = [HEADS[h].loss_weights[spec.name] for h in ordered_heads(heads)
+                        if spec.name in HEADS[h].loss_weights]
+            return float(declared[0]) if declared else 1.0
+        return float(value)
     return float(spec.weight)

@@ -1,22 +1,22 @@
-"""The retrieval model: the CLIP backbone, its heads (PHP, IRRA's classifier and MLM branch, plug-ins), its losses.
+"""The retrieval model: the CLIP backbone, its heads (the methods' and plug-ins'), its losses.
 
 Embeddings (SPEC 5, 6): image i = g_v + the embedding heads' features of the patches, text t = g_t + theirs of
-the text tokens (with the PHP head: g + PHP(tokens); IRRA: g alone). `model(batch)` returns every active loss
+the text tokens (g + the head's part; without an embedding head g alone). `model(batch)` returns every active loss
 under `<name>_loss`, already weighted, plus diagnostics; the trainer sums the keys that end in `_loss`.
 
 What a loss receives (`out`, a dict) in one training step:
 - image_feats, text_feats: the embeddings [B, D], float32; pids [B]; logit_scale (1 / temperature);
 - image_tokens [B, 1 + patches, D], text_tokens [B, L, D]: the backbone's projected tokens;
-- batch: the batch as the loader gave it (caption_ids, mlm_ids, ...);
-- what the heads add: `<modality>_<key>` side outputs of embedding heads (image_aux, text_aux), and each head's
-  `outputs` (image_logits / text_logits of the classifier, mlm_logits / mlm_labels of the MLM branch).
+- batch: the batch as the loader gave it (caption_ids, the token inputs and views the losses asked for, ...);
+- what the heads add: `<modality>_<key>` side outputs of embedding heads, `<modality>_<name>` embeddings of their
+  own, and each head's `outputs` (what its losses need).
 A loss registered with `global_batch` sees image_feats, text_feats and pids of every process under DDP.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from open_clip.model import CLIP
@@ -52,7 +52,7 @@ class RetrievalModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         for name in HEADS:
-            # A registered head that this model lacks reads as None (model.php is None for IRRA).
+            # A registered head that this model lacks reads as None.
             object.__setattr__(self, name, None)
         for name, head in heads.items():
             setattr(self, name, head)
@@ -97,12 +97,29 @@ class RetrievalModel(nn.Module):
 
     @property
     def batch_dependent(self) -> bool:
-        """True when an embedding depends on its batch mates (the reference's cross-batch EFP attention)."""
+        """True when an embedding depends on its batch mates (a head in a reference release's batch mode)."""
         return any(head.batch_dependent for head in self.heads.values())
 
-    def set_efp_attention(self, mode: str) -> None:
-        if self.php is not None:
-            self.php.set_attention(mode)
+    @property
+    def mode(self) -> str:
+        """The evaluation mode the model runs in: 'none', or the mode of a head that reproduces a reference."""
+        return next((head.mode for head in self.heads.values() if head.mode != "none"), "none")
+
+    @property
+    def modes(self) -> Tuple[str, ...]:
+        """'none' and every mode the model's heads declare."""
+        return ("none", *dict.fromkeys(m for head in self.heads.values() for m in head.modes))
+
+    def set_mode(self, mode: str) -> Dict[str, Any]:
+        """Run every head in `mode` (a head that does not know it stays as it is: a model without the head of a
+        reference mode runs as itself); returns the options that mode means for the run's config."""
+        options: Dict[str, Any] = {}
+        for head in self.heads.values():
+            options.update(head.set_mode(mode))
+        return options
+
+    def mode_warning(self) -> str:
+        return " ".join(w for w in (head.mode_warning() for head in self.heads.values()) if w)
 
     def _encode(self, modality: str, inputs: torch.Tensor):
         """(global embedding, tokens, side outputs of the heads, the heads' named embeddings) of images or
@@ -146,13 +163,16 @@ class RetrievalModel(nn.Module):
         """Unnormalised text embeddings, float32 [B, D]."""
         return self._encode("text", caption_ids)[0].float()
 
-    def reset_expert_usage(self) -> None:
+    def reset_reports(self) -> None:
         for head in self.heads.values():
-            if hasattr(head, "reset_expert_usage"):
-                head.reset_expert_usage()
+            head.reset_report()
 
-    def expert_usage(self) -> Dict[str, torch.Tensor]:
-        return self.php.expert_usage() if self.php is not None else {}
+    def reports(self, out_dir: Optional[str] = None) -> Dict[str, Any]:
+        """What the heads measured since reset_reports ({record key: value}; model/head.py Head.report)."""
+        found: Dict[str, Any] = {}
+        for head in self.heads.values():
+            found.update(head.report(out_dir))
+        return found
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         image_feats, image_toks, image_side, image_named = self._encode("image", batch["images"])

@@ -53,19 +53,29 @@ class CallbackSpec:
     build: Callable[[Any], EpochCallback]
     enabled: Callable[[Any], bool]
     owner: str
+    # Refuses (a UserError) training data the callback cannot work with, before the run folder is written.
+    check: Optional[Callable[[Any, Any], None]] = None
 
 
 CALLBACKS: Dict[str, CallbackSpec] = {}
 
 
-def register_callback(name: str, *, enabled: Optional[Callable[[Any], bool]] = None, options: Sequence[Option] = ()):
+def register_callback(name: str, *, enabled: Optional[Callable[[Any], bool]] = None, options: Sequence[Option] = (),
+                      check: Optional[Callable[[Any, Any], None]] = None):
     """Decorator for an EpochCallback class (or a function cfg -> EpochCallback). Without `enabled`, it is built
-    when the run's `callbacks` option lists it."""
+    when the run's `callbacks` option lists it. `check(cfg, dataset)` refuses data it cannot work with."""
     def decorator(build):
         owner = declare(CALLBACKS, "callback", name, build.__module__, options)
-        CALLBACKS[name] = CallbackSpec(name, build, enabled or (lambda cfg: name in cfg.callbacks), owner)
+        CALLBACKS[name] = CallbackSpec(name, build, enabled or (lambda cfg: name in cfg.callbacks), owner, check)
         return build
     return decorator
+
+
+def check_training_data(cfg, dataset) -> None:
+    """Each enabled callback's check of the training data (CallbackSpec.check)."""
+    for spec in CALLBACKS.values():
+        if spec.check is not None and spec.enabled(cfg):
+            spec.check(cfg, dataset)
 
 
 class EpochContext:

@@ -1,5 +1,5 @@
-"""Which registered components (heads, losses, data sets, callbacks, caption augmentations) a run uses, and so
-which of their options belong in its configs.yaml.
+"""Which registered components (heads, losses, data sets, callbacks, caption augmentations, token inputs) a run uses,
+and so which of their options belong in its configs.yaml.
 
 Every config has the options of every component the process knows (the built-in ones and its plug-ins'), so
 that any of them can be set; a run writes only those of the components it uses, and setting one of a component it
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List
 
-from datasets.augment import CAPTION_AUGMENTS  # noqa: F401 - registers the built-in augmentations
+from datasets.augment import TOKEN_INPUTS
 from model.registry import HEADS, LOSSES
 from processor.callbacks import CALLBACKS
 from utils.config import Config
@@ -29,17 +29,21 @@ USED: Dict[str, Callable[[Config, str], bool]] = {
     "data set": lambda cfg, name: name == cfg.dataset_name,
     "callback": lambda cfg, name: name in CALLBACKS and CALLBACKS[name].enabled(cfg),
     "caption augmentation": lambda cfg, name: name == cfg.caption_augment,
+    "token inputs": lambda cfg, name: name in TOKEN_INPUTS and TOKEN_INPUTS[name].enabled(cfg),
 }
 
 
 def unused_options(cfg: Config) -> List[str]:
-    """The options of the components `cfg` does not use."""
-    unused = []
+    """The options of the components `cfg` does not use (an option two components share, as a copy of a method
+    shares its original's, is used when either is)."""
+    unused, used_options = [], set()
     for (kind, name), options in COMPONENT_OPTIONS.items():
         used = USED.get(kind)
         if used is not None and not used(cfg, name):
-            unused.extend(o for o in options if o in cfg.plugin_options)
-    return unused
+            unused.extend(o for o in options if o in cfg.plugin_options and o not in unused)
+        else:
+            used_options.update(options)
+    return [o for o in unused if o not in used_options]
 
 
 def check_unused_options(cfg: Config) -> List[str]:

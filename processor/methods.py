@@ -1,7 +1,7 @@
 """The table of methods: every method's preset trained and tested under one protocol, the job of
 `sh run.sh methods [--seeds 1 2 3] [--paper cuhk|icfg|rstp] [--methods IRRA,PHP] [--tag T] [--key value ...]`.
 
-Each method (METHODS) runs its Demo preset, or with `--paper` its paper preset for that data set, one run per seed
+Each registered method (processor/method_presets.py) runs its Demo preset, or with `--paper` its paper preset for that data set, one run per seed
 through processor.presets.train_and_test: the same seeds, the same `--key value` overrides, the same test. Runs
 that are already finished are only tested again, so the table can be rebuilt and extended. A run whose folder
 another process holds (a second `sh run.sh methods` at once) is tried again after the others, waiting for that
@@ -24,7 +24,6 @@ import logging
 import os
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from datasets import dataset_from_config
@@ -36,6 +35,7 @@ from processor.components import check_unused_options
 from processor.methods_table import (MethodRow, markdown_table, rows_of_others, table_clock, table_header, table_lock,
                                      table_paths, write_tables)
 from processor.parallel_runs import Run, RunResult, job_count, run_here, run_side_by_side, threads_per_job
+from processor.method_presets import Method, table_methods
 from processor.presets import problems, seed_runs
 from utils.config import Config, build_config, read_yaml, validate
 from utils.errors import UserError
@@ -44,35 +44,22 @@ logger = logging.getLogger("php")
 DATASETS = ("cuhk", "icfg", "rstp")
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    demo: str  # the preset (configs/<demo>.yaml) of the Demo table
-    paper: str  # the paper presets' prefix: configs/<paper>_<cuhk|icfg|rstp>.yaml
-
-    def preset(self, paper: Optional[str]) -> str:
-        return f"{self.paper}_{paper}" if paper else self.demo
-
-
-METHODS = (Method("IRRA", "irra_demo", "irra"), Method("PHP", "demo", "php"), Method("RDE", "rde_demo", "rde"),
-           Method("TBPS-CLIP", "tbps_demo", "tbps"))
-
-
 def select_methods(names: Optional[Sequence[str]]) -> List[Method]:
     """The methods named (case-insensitive), in the table's order; all of them when `names` is None. An empty
     list (`--methods ,`) is refused: it names nothing, which is not "all"."""
+    methods = table_methods()
     if names is None:
-        return list(METHODS)
+        return methods
     if not names:
         raise UserError(f"command line: --methods names no method; expected a comma-separated subset of "
-                        f"{', '.join(m.name for m in METHODS)}")
-    known = {m.name.lower(): m for m in METHODS}
+                        f"{', '.join(m.name for m in methods)}")
+    known = {m.name.lower(): m for m in methods}
     for name in names:
         if name.lower() not in known:
             raise UserError(f"command line: --methods: unknown method {name!r}; expected some of "
-                            f"{', '.join(m.name for m in METHODS)}")
+                            f"{', '.join(m.name for m in methods)}")
     wanted = {n.lower() for n in names}
-    return [m for m in METHODS if m.name.lower() in wanted]
+    return [m for m in methods if m.name.lower() in wanted]
 
 
 def method_configs(config_dir: str, methods: Sequence[Method], paper: Optional[str],
@@ -214,7 +201,7 @@ class _Table:
         with table_lock(self.output_dir, self.stem):
             others = rows_of_others(table_paths(self.output_dir, self.stem)[1], self.since,
                                     [method.name for method, _, _ in self.configs])
-            order = {m.name: i for i, m in enumerate(METHODS)}
+            order = {m.name: i for i, m in enumerate(table_methods())}
             rows = sorted(ours + others, key=lambda r: order.get(r.method, len(order)))
             header = self.header() + ([f"Rows of {', '.join(r.method for r in others)}: from another `sh run.sh "
                                        f"methods` that wrote this table while this one ran."] if others else [])

@@ -3,8 +3,8 @@
 On CUDA the choice needs no measurement: bf16 where the GPU supports it, else fp16 (the trainer's GradScaler is on
 for fp16). On the CPU it does: whether bf16 pays depends on the instructions (AVX-512 BF16, AMX) and on the model's
 shapes (small matrix products gain little and still pay for the casts), so the run's own model is timed, a few
-forward + backward steps in fp32 and in bf16 on a synthetic batch of the run's shapes, and bf16 is taken only when
-it is faster by MARGIN (fp32 is exact). The figures are cached per CPU model, its bf16/fp16 flags, torch version,
+steps of the trainer's own step function (forward, backward, optimizer) in fp32 and in bf16 on a synthetic batch
+of the run's shapes, and bf16 is taken only when it is faster by MARGIN (fp32 is exact). The figures are cached per CPU model, its bf16/fp16 flags, torch version,
 thread count and model shape, so a second run of the same preset on the same machine starts without timing.
 
 The run records its choice (configs.yaml says `precision: <chosen>`, its provenance says how it was chosen), and a
@@ -27,8 +27,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from processor.synthetic import training_batch
+from processor.trainer import Trainer
 from utils.config import Config
-from utils.env import autocast
 from utils.errors import UserError, short_repr
 from utils.files import write_atomic
 from utils.provenance import utc_now
@@ -213,33 +213,21 @@ def store(path: str, key: Dict[str, Any], precision: str, timings: Dict[str, flo
         logger.warning("%s; the next run times again", e)
 
 
-def _step(model: torch.nn.Module, batch: Dict[str, torch.Tensor], device: torch.device, precision: str) -> None:
-    """The trainer's forward and backward (processor/trainer.py train_step), without the optimizer."""
-    with autocast(device, precision):
-        out = model(batch)
-    terms = [v for k, v in out.items() if k.endswith("_loss")]
-    if not terms:
-        raise ValueError("the model's forward returned no *_loss term")
-    sum(terms).backward()
-    model.zero_grad(set_to_none=True)
-
-
-def time_modes(model: torch.nn.Module, batch: Dict[str, torch.Tensor], device: torch.device,
-               modes: Sequence[str] = TIMED, budget_s: float = BUDGET_S,
+def time_modes(step: Callable[[str], object], modes: Sequence[str] = TIMED, budget_s: float = BUDGET_S,
                clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
-    """Median seconds per training step of `model` in each of `modes`: WARMUP_STEPS each, then up to TIMED_STEPS
-    rounds, the modes interleaved in alternating order (a machine that speeds up or slows down during the rounds
-    favours none). A round after the first starts only if it would end within `budget_s` of the start."""
+    """Median seconds of `step(mode)` in each of `modes`: WARMUP_STEPS each, then up to TIMED_STEPS rounds, the modes
+    interleaved in alternating order (a machine that speeds up or slows down during the rounds favours none). A
+    round after the first starts only if it would end within `budget_s` of the start."""
     samples: Dict[str, list] = {m: [] for m in modes}
     start = clock()
     for mode in modes:
         for _ in range(WARMUP_STEPS):
-            _step(model, batch, device, mode)
+            step(mode)
     for round_index in range(TIMED_STEPS):
         round_start = clock()
         for mode in (modes if round_index % 2 == 0 else tuple(reversed(modes))):
             t0 = clock()
-            _step(model, batch, device, mode)
+            step(mode)
             samples[mode].append(clock() - t0)
         now = clock()
         if now - start + (now - round_start) > budget_s:
@@ -249,11 +237,20 @@ def time_modes(model: torch.nn.Module, batch: Dict[str, torch.Tensor], device: t
 
 def measure(cfg: Config, model: torch.nn.Module, device: torch.device, batch_size: int,
             budget_s: float = BUDGET_S) -> Dict[str, float]:
-    """time_modes on a copy of `model` in training mode: the run's model, its gradients, its buffers and the global
-    RNG (dropout draws) are left exactly as they were, so that a run trains the same whether it timed or not."""
+    """time_modes of the trainer's own step (processor/trainer.py train_step: forward, backward, optimizer) on a
+    copy of `model`, with an optimizer of its own, on a synthetic batch of the run's shapes: the run's model, its
+    gradients, its buffers and the global RNG (dropout draws) are left exactly as they were, so that a run trains
+    the same whether it timed or not."""
     with torch.random.fork_rng(devices=[]):
         probe = copy.deepcopy(model).train()
-        return time_modes(probe, training_batch(cfg, batch_size, device), device, budget_s=budget_s)
+        # Uncompiled: a compilation would take the whole budget; the step is the same function.
+        trainer = Trainer(cfg.copy(precision="fp32", torch_compile="none"), probe, device=device, describe=False)
+        batch = training_batch(cfg, batch_size, device)
+
+        def step(mode: str) -> None:
+            trainer.cfg.precision = mode
+            trainer.train_step(batch).tolist()  # the values read back: the step has finished
+        return time_modes(step, budget_s=budget_s)
 
 
 def pick(timings: Dict[str, float]) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from datasets import dataset_from_config
-from evaluation.testing import TestRequest, test_run
+from datasets.base import PedesDataset
+from evaluation.testing import TestRequest, test_run, test_trained
 from model.backbone import resolve_pretrained_path
 from processor.training import train
 from utils.config import Config, validate
@@ -23,17 +24,24 @@ logger = logging.getLogger("php")
 
 def problems(cfg: Config) -> List[str]:
     """What the run of `cfg` needs and does not find (its data set, its pretrained weights), one line each."""
-    found = []
-    if cfg.dataset_name != "Demo-PEDES":  # generated on first use
+    return prepare(cfg, check_images=False)[0]
+
+
+def prepare(cfg: Config, check_images: bool = True) -> Tuple[List[str], Optional[PedesDataset]]:
+    """(what the run needs and does not find, one line each; the run's data set when it could be built): the data
+    set is built here once, and the run trains and tests on it (a generated one, Demo-PEDES, is built by
+    training, on first use)."""
+    dataset, found = None, []
+    if cfg.dataset_name != "Demo-PEDES":
         try:
-            dataset_from_config(cfg, check_images=False)
+            dataset = dataset_from_config(cfg, check_images=check_images)
         except UserError as e:
             found.append(str(e))
     try:
         resolve_pretrained_path(cfg.pretrain_choice, cfg.pretrained_dir)
     except UserError as e:
         found.append(str(e))
-    return found
+    return found, dataset
 
 
 def seed_runs(cfg: Config, seeds: Optional[Sequence[int]], seed_given: bool = False) -> List[Config]:
@@ -54,16 +62,21 @@ def seed_runs(cfg: Config, seeds: Optional[Sequence[int]], seed_given: bool = Fa
 
 
 def train_and_test(cfg: Config, config_file: str = "") -> int:
-    """One run: check what it needs, train it (or resume it), test it; the test's exit code."""
-    missing = problems(cfg)
+    """One run: check what it needs, train it (or resume it), test it; the test's exit code. The config, the data
+    set and the model are built once: the test takes the trained model in memory (the best epoch's weights) on the
+    data set it trained on; a compiled model is tested as test.py tests the run folder, uncompiled."""
+    missing, dataset = prepare(cfg)
     if missing:
         raise UserError("; ".join(f"missing: {line}" for line in missing))
     if os.path.isfile(os.path.join(cfg.run_dir, "last.pth")):
         print(f"note: {cfg.run_dir} already holds a run; continuing it (use another --name for a new one)",
               flush=True)
         cfg = cfg.copy(resume=True)
-    train(cfg, config_file)
+    result = train(cfg, config_file, dataset)
     setup_logger()  # the test's log goes to the console, not to the run's train_log.txt
+    trained = result.trained
+    if trained is not None and trained.cfg.torch_compile == "none":
+        return test_trained(trained.cfg, trained.model, trained.dataset, result.run_dir)
     return test_run(TestRequest(os.path.join(cfg.run_dir, "configs.yaml")))
 
 

@@ -6,10 +6,11 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from datasets.augment import token_inputs
 from model import build_model
 from model.registry import loss_views
 from utils.config import Config, build_config
-from utils.tokenizer import EOT_ID, SOT_ID, mask_tokens
+from utils.tokenizer import EOT_ID, SOT_ID
 
 
 def synthetic_batch(batch_size: int, img_size: Sequence[int], text_length: int, device: torch.device,
@@ -29,15 +30,18 @@ def synthetic_batch(batch_size: int, img_size: Sequence[int], text_length: int, 
 
 
 def training_batch(cfg, batch_size: int, device: torch.device) -> Dict[str, torch.Tensor]:
-    """A synthetic batch of the run's shapes with every key a training loader gives it (sample indices, MLM
-    inputs, the extra image views its losses ask for), so that any loss finds what it reads."""
+    """A synthetic batch of the run's shapes with every key a training loader gives it (sample indices, the token
+    inputs the config enables, the extra image views its losses ask for), so that any loss finds what it reads."""
     batch = synthetic_batch(batch_size, cfg.img_size, cfg.text_length, device)
     batch["indices"] = torch.arange(batch_size, device=device)
     batch["image_ids"] = torch.arange(batch_size, device=device)
     gen = torch.Generator().manual_seed(0)
-    masked = [mask_tokens(ids, gen) for ids in batch["caption_ids"].cpu()]
-    batch["mlm_ids"] = torch.stack([m[0] for m in masked]).to(device)
-    batch["mlm_labels"] = torch.stack([m[1] for m in masked]).to(device)
+    inputs = token_inputs(cfg)
+    if inputs:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            items = [{k: v for fn in inputs for k, v in fn(ids).items()} for ids in batch["caption_ids"].cpu()]
+        batch.update({key: torch.stack([item[key] for item in items]).to(device) for key in items[0]})
     for name in loss_views(cfg):
         batch[f"view_{name}"] = torch.randn(batch_size, 3, *cfg.img_size, generator=gen).to(device)
     return batch

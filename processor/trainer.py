@@ -57,7 +57,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, train_loader=None, evaluator=None,
                  run_dir: Optional[str] = None, device: Optional[torch.device] = None, rank: int = 0,
-                 world_size: int = 1, provenance: Optional[dict] = None, clean: Optional[np.ndarray] = None):
+                 world_size: int = 1, provenance: Optional[dict] = None, clean: Optional[np.ndarray] = None,
+                 describe: bool = True):
         device = device if device is not None else next(model.parameters()).device
         self.cfg, self.train_loader, self.evaluator = cfg, train_loader, evaluator
         self.run_dir, self.device, self.rank, self.world_size = run_dir, device, rank, world_size
@@ -80,7 +81,7 @@ class Trainer:
         # Per-epoch callbacks (RDE's sample selection, plug-ins') and the sample weights they set.
         self.callbacks = CallbackRunner(cfg, model, device, getattr(train_loader, "dataset", None), rank, world_size,
                                         clean)
-        if rank == 0:
+        if rank == 0 and describe:
             logger.info("parameter groups:\n%s", describe_param_groups(self.optimizer))
 
     # ------------------------------------------------------------------------------------------ state

@@ -16,12 +16,13 @@ import torch
 
 from datasets import dataset_from_config
 from datasets.loaders import build_eval_loaders, build_train_loader, per_process_batch_size
+from datasets.base import PedesDataset
 from datasets.noise import NoisyPairs, apply_noise
 from evaluation.curves import plot_curves
 from evaluation.evaluator import Evaluator
 from model import build_model
 from model.registry import loss_views
-from processor import ccd  # noqa: F401 - registers RDE's sample selection
+from processor.callbacks import check_training_data
 from processor.components import check_unused_options
 from processor.precision import Choice, recorded_choice, resolve_precision
 from processor.trainer import Trainer
@@ -43,22 +44,34 @@ NOISY_PAIRS = "noisy_pairs.npy"
 
 
 @dataclass(frozen=True)
+class Trained:
+    """What a finished training process holds, for testing it without building it again: the resolved config, the
+    model (its last epoch's weights) and the data set it was built on."""
+
+    cfg: Config
+    model: torch.nn.Module
+    dataset: PedesDataset
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """What a training job did: the run folder, its best val R1 and epoch (-1 and 0 when it trained nothing
-    new because the run had already finished)."""
+    new because the run had already finished), and on the only process of a run, what it trained (`trained`)."""
 
     run_dir: str
     best_r1: float
     best_epoch: int
     finished_before: bool = False
+    trained: Optional[Trained] = None
 
 
-def train(cfg: Config, config_file: str = "") -> TrainResult:
+def train(cfg: Config, config_file: str = "", dataset: Optional[PedesDataset] = None) -> TrainResult:
     """Train (or, with cfg.resume, continue) the run of `cfg`; `config_file` names where the options came from,
-    for messages. Joins the torchrun process group when there is one and leaves it afterwards."""
+    for messages; `dataset`, when given, is the run's data set already built (and checked). Joins the torchrun
+    process group when there is one and leaves it afterwards."""
     rank, world_size, local_rank = dist_utils.init_distributed(cfg.device)
     try:
-        return run_training(cfg, rank, world_size, local_rank, config_file)
+        return run_training(cfg, rank, world_size, local_rank, config_file, dataset)
     finally:
         # Also after an error: every rank raises the same UserError (the checks are deterministic) and leaves;
         # if only one rank fails, torchrun stops the others.
@@ -113,7 +126,7 @@ def checkpoint_to_resume(cfg: Config, config_file: str = "") -> Tuple[Optional[s
             more = f" and {len(differences) - 6} more" if len(differences) > 6 else ""
             raise UserError(f"--resume: the options differ from {source}, which trained this run, in "
                             f"{', '.join(differences[:6])}{more}; resume with the run's own options (only those "
-                            f"listed under 'Resuming' in the README may change), or start a new run with another "
+                            f"listed under 'Resuming' in docs/reliability.md may change), or start a new run with another "
                             f"--name")
     return path, ckpt
 
@@ -157,21 +170,22 @@ def check_noise(cfg: Config, ckpt: dict, path: str, noisy: Optional[NoisyPairs])
 
 
 def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_dir: str,
-           recorded: Optional[Choice] = None):
-    """(the Trainer of the run, the noisy pairs it made or None): data set, noise, model, precision ('auto'
-    resolved: `recorded`, a resumed run's own choice, or timed); nothing is written but the precision cache. The
-    Trainer's cfg is the resolved one."""
+           recorded: Optional[Choice] = None, dataset: Optional[PedesDataset] = None):
+    """(the Trainer of the run, the noisy pairs it made or None, the data set): data set (`dataset` when given),
+    noise, model, precision ('auto' resolved: `recorded`, a resumed run's own choice, or timed); nothing is written
+    but the precision cache. The Trainer's cfg is the resolved one."""
     if cfg.val_dataset == "test" and rank == 0:
         logger.warning("model selection uses the TEST split (val_dataset: test); reported test numbers are then "
                        "optimistic")
     seed_everything(cfg.seed)
-    with dist_utils.main_process_first():  # a Demo-PEDES set is generated once, not by every process at once
-        dataset = dataset_from_config(cfg, generate=True)
+    if dataset is None:
+        with dist_utils.main_process_first():  # a Demo-PEDES set is generated once, not by every process at once
+            dataset = dataset_from_config(cfg, generate=True)
     if rank == 0:
         logger.info("%s:\n%s", cfg.dataset_name, dataset.summary())
     split = dataset.split(cfg.val_dataset, hint="set --val_holdout_ids N to hold out N training identities for "
                                                 "validation (or --val_dataset test, not recommended)")
-    ccd.check_training_split(cfg, dataset)
+    check_training_data(cfg, dataset)
     noisy = apply_noise(dataset, cfg.noisy_rate, cfg.seed, cfg.noisy_file)
     if noisy is not None and rank == 0:
         logger.info("noisy correspondence (%s): %d of %d training pairs carry another pair's caption", noisy.source,
@@ -186,9 +200,9 @@ def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_di
         dist_utils.use_global_batch(model, world_size)
     if rank == 0:
         check_output_dir(run_dir, checkpoint_bytes(model, run_dir))
-        logger.info("model: %.2f M parameters (%s, php_modules %s, losses %s)",
-                    sum(p.numel() for p in model.parameters()) / 1e6, cfg.pretrain_choice, cfg.php_modules,
-                    cfg.loss_names)
+        logger.info("model: %.2f M parameters (%s, heads %s, losses %s)",
+                    sum(p.numel() for p in model.parameters()) / 1e6, cfg.pretrain_choice,
+                    "+".join(model.head_names) or "none", cfg.loss_names)
     train_loader = build_train_loader(cfg, dataset, rank, world_size, views=loss_views(cfg))
     evaluator = Evaluator(*build_eval_loaders(cfg, split), precision=cfg.precision)
     # Once per process: the code and data this process trains with (history.json records them per epoch).
@@ -200,10 +214,11 @@ def _build(cfg: Config, rank: int, world_size: int, device: torch.device, run_di
         provenance.update(noisy_rate=noisy.rate, **({"noisy_file_sha256": noisy.sha256} if noisy.sha256 else {}))
     trainer = Trainer(cfg, model, train_loader, evaluator, run_dir, device, rank, world_size, provenance,
                       clean=None if noisy is None else noisy.clean)
-    return trainer, noisy
+    return trainer, noisy, dataset
 
 
-def run_training(cfg: Config, rank: int, world_size: int, local_rank: int, config_file: str = "") -> TrainResult:
+def run_training(cfg: Config, rank: int, world_size: int, local_rank: int, config_file: str = "",
+                 dataset: Optional[PedesDataset] = None) -> TrainResult:
     """Train the run of `cfg` as process `rank` of `world_size` (1 without torchrun)."""
     device = resolve_device(cfg.device, local_rank)
     run_dir = cfg.run_dir
@@ -214,13 +229,14 @@ def run_training(cfg: Config, rank: int, world_size: int, local_rank: int, confi
         logger.info("run folder %s; device %s; precision %s; %d process(es)", run_dir, device, cfg.precision,
                     world_size)
     unused = check_unused_options(cfg)
-    trainer, noisy = _build(cfg, rank, world_size, device, run_dir, recorded_choice(ckpt))
+    trainer, noisy, dataset = _build(cfg, rank, world_size, device, run_dir, recorded_choice(ckpt), dataset)
     cfg = trainer.cfg  # 'auto' resolved: configs.yaml records the precision the run trains in
+    trained = Trained(cfg, trainer.module, dataset) if world_size == 1 else None
     if ckpt is not None:
         check_noise(cfg, ckpt, resume_path, noisy)
     if ckpt is not None and not trainer.restore(ckpt, resume_path):
         logger.info("%s already finished all %d epochs; nothing to do", run_dir, cfg.num_epoch)
-        return TrainResult(run_dir, trainer.best_r1, trainer.best_epoch, finished_before=True)
+        return TrainResult(run_dir, trainer.best_r1, trainer.best_epoch, finished_before=True, trained=trained)
     del ckpt
 
     # Every check has passed: from here on the run folder is written, by this process alone.
@@ -242,7 +258,7 @@ def run_training(cfg: Config, rank: int, world_size: int, local_rank: int, confi
         logger.info("finished: best val R1 %.2f at epoch %d; checkpoints in %s", result["best_r1"],
                     result["best_epoch"], run_dir)
         write_curves(run_dir)
-    return TrainResult(run_dir, result["best_r1"], result["best_epoch"])
+    return TrainResult(run_dir, result["best_r1"], result["best_epoch"], trained=trained)
 
 
 def write_curves(run_dir: str) -> None:

@@ -65,7 +65,8 @@ def test_embeddings_do_not_depend_on_batch_mates(variant):
 def test_the_compatibility_mode_is_caught_by_the_same_check():
     torch.manual_seed(0)
     cfg = build_config(None, {"pretrain_choice": "ViT-Tiny", "img_size": [32, 16], "text_length": 16,
-                              "moe_layers": 2, "cnum": 3, "efp_attention": "batch"})
+                              "loss_names": "sdm+itc+aux", "php_modules": "crfm+efp", "moe_layers": 2, "cnum": 3,
+                              "efp_attention": "batch"})
     model = build_model(cfg).eval()
     perturb(model)
     images, ids = inputs()

@@ -15,8 +15,9 @@ import torch.distributed as dist
 import yaml
 
 import ddp_worker
+from helpers import plain_smoke
 from model import build_model
-from model.moe import load_balancing_loss
+from methods.php.moe import load_balancing_loss
 import train
 from utils import distributed as dist_utils
 from utils.config import build_config
@@ -156,7 +157,7 @@ def test_torchrun_processes_take_the_same_selection(demo_root, tmp_path):
     hold the same sample weights before every epoch."""
     (tmp_path / "probe.py").write_text(PROBE)
     out = str(tmp_path / "logs")
-    done = torchrun("train.py", "--config_file", SMOKE_CONFIG, "--root_dir", demo_root, "--output_dir", out,
+    done = torchrun("train.py", "--config_file", plain_smoke(), "--root_dir", demo_root, "--output_dir", out,
                     "--warmup_epochs", "0", "--num_epoch", "2", "--loss_names", "tal", "--noisy_rate", "0.5",
                     "--custom_imports", str(tmp_path / "probe.py"), "--callbacks", "probe")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,6 +10,7 @@ import pytest
 from helpers import run_tool
 from published_layout import write_published_run
 from evaluation.runs import check_overrides, discover_runs
+from model.layouts import check_compat
 from tools import evaluate_runs
 from utils.cli import parse_command_line
 from utils.cli import run_main
@@ -136,6 +137,7 @@ def parse(argv):
     """`sh run.sh test ARGV` parsed and checked as the tool does it before evaluating anything."""
     args = parse_command_line(evaluate_runs.COMMAND, argv)
     check_overrides(args.overrides)
+    check_compat(args.compat or "auto")
     return args
 
 

@@ -37,7 +37,7 @@ class FakeModel(torch.nn.Module):
         self.frozen = torch.nn.Dropout(0.5)
         self.calls = []
         if with_reset:
-            self.reset_expert_usage = lambda: self.calls.append("reset")
+            self.reset_reports = lambda: self.calls.append("reset")
 
     def encode_image(self, images):
         self.calls.append(("image", self.training, torch.is_autocast_enabled(images.device.type)))

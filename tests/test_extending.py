@@ -16,18 +16,19 @@ pytestmark = pytest.mark.slow
 
 DOC = os.path.join(ROOT, "docs", "extending.md")
 SECTIONS = {"loss": "A new loss", "head": "A new head", "dataset": "A new data set",
-            "callback": "A per-epoch sample weighting"}
+            "callback": "A per-epoch sample weighting", "method": "A new method: a copy of one"}
 
 
-def section_blocks(title):
-    """(python block, sh block) of the section `## <title>`; exactly one of each, or the test fails."""
+def section_blocks(title, python=1):
+    """(python block, sh block) of the section `## <title>`; exactly one of each (`python` 0: no python block,
+    None is given for it), or the test fails."""
     with open(DOC, encoding="utf-8") as f:
         text = f.read()
     body = re.split(r"^## ", text, flags=re.M)
     section = next(s for s in body if s.startswith(title + "\n"))
     blocks = {kind: re.findall(rf"^```{kind}\n(.*?)^```", section, flags=re.M | re.S) for kind in ("python", "sh")}
-    assert len(blocks["python"]) == 1 and len(blocks["sh"]) == 1, (title, {k: len(v) for k, v in blocks.items()})
-    return blocks["python"][0], blocks["sh"][0]
+    assert len(blocks["python"]) == python and len(blocks["sh"]) == 1, (title, {k: len(v) for k, v in blocks.items()})
+    return (blocks["python"][0] if python else None), blocks["sh"][0]
 
 
 @pytest.fixture
@@ -107,7 +108,20 @@ def test_the_callback_example_trains(project_copy):
     assert weights.shape == (480,) and abs(float(weights.mean()) - kept[-1]) < 1e-6
 
 
+def test_a_copy_of_a_built_in_method_is_a_new_method(project_copy):
+    """The copy of methods/rde under other names trains through custom_imports beside the original."""
+    _, command = section_blocks(SECTIONS["method"], python=0)
+    done = subprocess.run(["sh", "-c", command], cwd=project_copy, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(project_copy)})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    run, config, ckpt = read_run(project_copy, "Demo-PEDES", "my_rde")
+    assert config["custom_imports"] == [str(project_copy / "my_rde")] and config["loss_names"] == "tal2"
+    assert any(k.startswith("tse2.") for k in ckpt["model"]) and not any(k.startswith("tse.") for k in ckpt["model"])
+    history = json.load(open(run / "history.json"))
+    assert "ccd2" in history[0]["callbacks"] and history[0]["losses"]["tal2_loss"] > 0
+
+
 def test_examples_run_where_the_project_is_unchanged():
     """The examples write their plug-ins into a copy; the repository holds none of them."""
-    for name in ("my_loss.py", "my_head.py", "my_dataset.py", "my_weights.py"):
+    for name in ("my_loss.py", "my_head.py", "my_dataset.py", "my_weights.py", "my_rde"):
         assert not os.path.exists(os.path.join(ROOT, name))

@@ -1,16 +1,22 @@
 """The packages' layers: each imports only the layers below it; no file of the core packages outgrows 400 lines and
-no function in them 60; nothing changes sys.path.
+no function in them 60; nothing changes sys.path; no shared layer names a method.
 
 utils at the bottom; datasets and model on utils; solver on model; evaluation on datasets and model (never on the
-trainer); processor on any of them. On top, the entry points (train.py, test.py, retrieve.py) and tools/ import
-the library and never each other (a tool's own modules aside); benchmarks/ import the library only. Read from the
-source with `ast`, so an import inside a function counts as much as one at the top.
+trainer); processor on any of them; methods/ (one package per method) on all of them and on each other, never
+imported by them (utils/plugins.py imports methods/ by folder, as a plug-in). On top, the entry points (train.py,
+test.py, retrieve.py) and tools/ import the library and never each other (a tool's own modules aside);
+benchmarks/ import the library only. Read from the source with `ast`, so an import inside a function counts as
+much as one at the top.
 """
 import ast
+import io
 import os
+import re
+import tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROJECT = ("utils", "datasets", "model", "solver", "processor", "evaluation")
+SHARED = ("utils", "datasets", "model", "solver", "processor", "evaluation")
+PROJECT = (*SHARED, "methods")
 ENTRY_POINTS = ("train", "test", "retrieve", "tools", "benchmarks", "tests")
 # The project's modules each package may import, beyond its own.
 ALLOWED = {
@@ -19,7 +25,8 @@ ALLOWED = {
     "model": {"utils"},
     "solver": {"utils", "model"},
     "evaluation": {"utils", "datasets", "model"},
-    "processor": set(PROJECT),
+    "processor": set(SHARED),
+    "methods": set(SHARED),
 }
 MAX_LINES = 400
 MAX_FUNCTION_LINES = 60
@@ -152,3 +159,36 @@ def test_the_top_floor_checks_see_real_imports():
     files = dict(top_floor_files())
     assert {"train", "test", "retrieve", "tools.serve", "tools.evaluate_runs", "benchmarks.train_step"} <= set(files)
     assert ("processor.training" in {m for _, m in imported_modules(files["train"])})
+
+
+# The words of the built-in methods' names and of their parts: no identifier of a shared layer holds one.
+METHOD_WORDS = {"irra", "php", "rde", "tbps", "mlm", "tse", "tal", "ccd", "efp", "crfm", "moe", "nitc", "ritc",
+                "citc", "bge", "simclr", "cmt"}
+
+
+def identifier_words(name):
+    """The words of an identifier: split at underscores and at lower-to-upper case changes, lower-cased."""
+    return {w.lower() for w in re.split(r"_+|(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", name) if w}
+
+
+def method_identifiers(path):
+    """(line, identifier) of every name token in the file whose words include a method's."""
+    with open(path, encoding="utf-8") as f:
+        tokens = tokenize.generate_tokens(io.StringIO(f.read()).readline)
+        return [(t.start[0], t.string) for t in tokens
+                if t.type == tokenize.NAME and identifier_words(t.string) & METHOD_WORDS]
+
+
+def test_no_shared_layer_names_a_method():
+    found = [f"{os.path.relpath(path, ROOT)}:{line} {name}" for package in SHARED for path in python_files(package)
+             for line, name in method_identifiers(path)]
+    found += [os.path.relpath(path, ROOT) for package in SHARED for path in python_files(package)
+              if identifier_words(os.path.splitext(os.path.basename(path))[0]) & METHOD_WORDS]
+    assert not found, f"{len(found)} identifiers of the shared layers name a method:\n" + "\n".join(found[:40])
+
+
+def test_the_method_name_check_sees_names(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text("def set_efp_attention(rdeLoss, x):\n    return x  # php in a comment is prose\n")
+    assert [name for _, name in method_identifiers(str(path))] == ["set_efp_attention", "rdeLoss"]
+    assert identifier_words("TBPSHead") == {"tbps", "head"} and identifier_words("mlm_ids") == {"mlm", "ids"}

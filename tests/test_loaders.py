@@ -11,6 +11,7 @@ import torch
 from datasets.image_text import ImageDataset, ImageTextDataset, TextDataset, read_image
 from datasets.loaders import build_eval_loaders, build_train_loader, collate, per_process_batch_size, set_loader_epoch
 from datasets.samplers import RandomIdentitySampler, ShuffleSampler
+from datasets.augment import token_inputs
 from datasets.transforms import CLIP_MEAN, CLIP_STD, build_transforms
 from helpers import build_dataset
 from utils.config import Config
@@ -191,7 +192,8 @@ def test_augmentation_reproducible_across_workers_and_epochs(tmp_path):
     assert loader.dataset.epoch == 2 and loader.sampler.epoch == 2
     assert not all(a["images"].equal(b["images"]) for a, b in zip(runs[0], loader))
     # The same (seed, epoch, index) gives the same item whatever was drawn before.
-    item = ImageTextDataset(ds.train, build_transforms((32, 16), True, True), 16, mlm=True, seed=1)
+    item = ImageTextDataset(ds.train, build_transforms((32, 16), True, True), 16, seed=1,
+                            token_inputs=token_inputs(small_cfg(loss_names="itc+mlm")))
     item.set_epoch(1)
     first = item[3]
     item[5]
@@ -206,7 +208,8 @@ def test_an_item_seeds_only_the_cpu_generator(tmp_path, monkeypatch):
     ds = write_pngs(str(tmp_path))
     calls = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
-    item = ImageTextDataset(ds.train, build_transforms((32, 16), True, True), 16, mlm=True, seed=1)
+    item = ImageTextDataset(ds.train, build_transforms((32, 16), True, True), 16, seed=1,
+                            token_inputs=token_inputs(small_cfg(loss_names="itc+mlm")))
     item.set_epoch(1)
     first = item[2]
     item[0]

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from helpers import batch, captions, tiny_cfg
+from methods.irra import losses as irra_losses
 from model import build_model, load_model, losses
 from model.backbone import (ARCHITECTURES, build_backbone, build_clip, normalise_clip_state_dict,
                             resize_positional_embedding)
-from model.checkpoint_compat import map_published_state_dict
+from model.layouts import map_published_state_dict
 from model.loading import CompatibilityWarning
-from model.moe import MoE
+from methods.php.moe import MoE
 from published_layout import SMALL, published_state_dict, write_published_run
 from utils.checkpoint import save_checkpoint
 from utils.config import build_config, save_config
@@ -89,8 +90,8 @@ def test_id_and_mlm_hand_computed():
     pids = torch.tensor([0, 1])
     ce0 = -math.log(math.exp(2) / (math.exp(2) + 1))
     ce1 = math.log(2)
-    assert losses.id_loss(logits, logits, pids).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
-    assert losses.mlm_loss(logits, pids).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+    assert irra_losses.id_loss(logits, logits, pids).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+    assert irra_losses.mlm_loss(logits, pids).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
 
 
 def test_moe_routing_and_balancing():
@@ -165,10 +166,10 @@ def test_experts_start_as_identity_and_usage_is_counted():
     expert = model.php.efp.blocks[0].moe.experts[0]
     x = torch.randn(3, 64)
     assert torch.equal(expert(x), x)
-    model.reset_expert_usage()
+    model.reset_reports()
     with torch.no_grad():
         model.encode_image(batch(4)["images"])
-    usage = model.expert_usage()
+    usage = model.php.expert_usage()
     assert set(usage) == {"image"}
     assert usage["image"].shape == (2, 4)
     assert usage["image"].sum(dim=1).tolist() == [4 * 3 * 2] * 2  # 4 samples x 3 parts x top-2
@@ -234,8 +235,9 @@ def test_published_irra_layout_loads(tmp_path):
 
 
 def test_full_size_published_layouts_map_onto_the_model():
-    for kind, overrides in (("php_v1", {}), ("irra", {"loss_names": "sdm+id+mlm", "php_modules": "none"})):
-        mapped = map_published_state_dict(published_state_dict(kind, device="meta"), kind)
+    for kind, overrides in (("php_v1", {"loss_names": "sdm+itc+aux", "php_modules": "crfm+efp"}),
+                            ("irra", {"loss_names": "sdm+id+mlm"})):
+        mapped = map_published_state_dict(published_state_dict(kind, device="meta"), kind, kind)
         cfg = build_config(None, {"pretrain_choice": "ViT-B-16", **overrides})
         with torch.device("meta"):
             model = build_model(cfg, num_classes=11003)
@@ -248,7 +250,7 @@ def test_unknown_published_key_is_named(tmp_path):
     state = published_state_dict("irra", SMALL)
     state["surprise.weight"] = torch.zeros(1)
     with pytest.raises(UserError, match="surprise.weight"):
-        map_published_state_dict(state, "ckpt")
+        map_published_state_dict(state, "ckpt", "irra")
 
 
 def test_missing_pretrained_file_names_paths(tmp_path):

@@ -6,8 +6,7 @@ from PIL import Image
 import pytest
 import torch
 
-from evaluation.expert_report import plot_usage, report_expert_usage, usage_table
-from model.php_head import usage_report
+from methods.php.report import plot_usage, report_expert_usage, usage_report, usage_table
 from evaluation import curves
 from processor import training
 from tools import plot_curves

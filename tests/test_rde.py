@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from datasets.augment import rde_tokens
+from methods.rde.augment import rde_tokens
 from datasets.noise import apply_noise, noise_permutation, read_noise_file
-from helpers import same_final_weights, SMOKE_CONFIG, assert_one_error_line, build_dataset, run_entry, run_tool, train_argv
+from helpers import same_final_weights, SMOKE_CONFIG, assert_one_error_line, build_dataset, run_entry, run_tool, train_argv, plain_smoke
 from model import build_model, load_model
 from model.attention import tower_attentions
-from model.tal import tal_per_sample
-from processor.ccd import clean_probability, consensus, selection_report, split
+from methods.rde.tal import tal_per_sample
+from methods.rde.ccd import clean_probability, consensus, selection_report, split
 from published_layout import write_published_run
 from solver import param_lr_and_decay
 import test as test_entry
@@ -27,8 +27,7 @@ from utils.config import build_config
 from utils.errors import UserError
 from utils.tokenizer import EOT_ID, MASK_ID, SOT_ID
 
-TINY_RDE = {"pretrain_choice": "ViT-Tiny", "img_size": [64, 32], "text_length": 16, "loss_names": "tal",
-            "php_modules": "none"}
+TINY_RDE = {"pretrain_choice": "ViT-Tiny", "img_size": [64, 32], "text_length": 16, "loss_names": "tal"}
 
 
 # ------------------------------------------------------------------------------------------------ TAL
@@ -196,7 +195,7 @@ def test_run_sh_test_and_the_audit_on_a_published_rde_run(published_rde, demo_ro
 
 
 def test_tse_pools_short_captions_over_their_words():
-    from model.tse import TextSelection
+    from methods.rde.tse import TextSelection
     torch.manual_seed(0)
     layer = TextSelection(8, 16).eval()
     ids = captions(4, length=16)
@@ -299,7 +298,7 @@ def test_rde_tokens_change_a_fifth_of_the_words_and_keep_sot_and_eot():
 # ------------------------------------------------------------------------------------------------ training
 def rde_argv(root, out, *extra):
     return train_argv(root, out, "--loss_names", "tal", "--caption_augment", "rde", "--noisy_rate", "0.5",
-                      "--warmup_epochs", "0", *extra)
+                      "--warmup_epochs", "0", *extra, config=plain_smoke())
 
 
 def test_an_rde_run_records_its_selection_and_resumes_exactly(tiny_root, tmp_path, capsys):

@@ -42,7 +42,7 @@ def make_cfg(**kw) -> Config:
     base = dict(lr=1e-5, bias_lr_factor=2.0, lr_factor=5.0, php_lr_factor=1.0, weight_decay=4e-5,
                 weight_decay_bias=0.0)
     base.update(kw)
-    return Config(**base)
+    return Config().copy(**base)  # copy() sets the methods' options too
 
 
 # (lr, weight decay) per trainable parameter, worked out by hand from the rules with lr 1e-5, wd 4e-5

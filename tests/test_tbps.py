@@ -18,17 +18,19 @@ from PIL import Image
 
 import test as test_entry
 import train
-from datasets.augment import tbps_text
+from methods.tbps.augment import tbps_text
 from datasets.image_text import ImageTextDataset
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, image_transforms, recipe, VIEWS
-from helpers import same_final_weights, run_entry, run_tool, train_argv
+from datasets.transforms import build_transforms, image_transforms, recipe, VIEWS
+from helpers import same_final_weights, run_entry, run_tool, train_argv, plain_smoke
 from model import build_model, load_model
-from model.tbps import citc_loss, clamped_exp, nitc_loss, ritc_loss, ss_loss
+from methods.tbps.head import clamped_exp
+from methods.tbps.losses import citc_loss, nitc_loss, ritc_loss, ss_loss
+from methods.tbps.transforms import IMAGENET_MEAN, IMAGENET_STD
 from solver import build_lr_scheduler, build_optimizer
 from utils.checkpoint import read_checkpoint
 from utils.config import build_config
 
-TINY_TBPS = {"pretrain_choice": "ViT-Tiny", "img_size": [32, 32], "text_length": 16, "php_modules": "none",
+TINY_TBPS = {"pretrain_choice": "ViT-Tiny", "img_size": [32, 32], "text_length": 16,
              "loss_names": "nitc+ritc+citc+ss", "image_recipe": "tbps"}
 
 
@@ -234,9 +236,9 @@ def test_captions_bt_are_read_checked_and_travel_with_noise(tmp_path):
     entries = [{"id": k // 2, "file_path": f"{k}.jpg", "captions": [f"cap {k} a", f"cap {k} b"],
                 "captions_bt": [f"bt {k} a", f"bt {k} b"], "split": "train"} for k in range(8)]
     ds = dataset_from_annotations("x", Annotations(entries, str(tmp_path), "ann.json"), check_images=False)
-    assert ds.train_bt == [f"bt {k} {s}" for k in range(8) for s in "ab"]
+    assert ds.train_alternatives["captions_bt"] == [f"bt {k} {s}" for k in range(8) for s in "ab"]
     apply_noise(ds, 0.5, seed=1)
-    assert all(bt.replace("bt", "cap") == pair[3] for bt, pair in zip(ds.train_bt, ds.train))
+    assert all(bt.replace("bt", "cap") == pair[3] for bt, pair in zip(ds.train_alternatives["captions_bt"], ds.train))
     entries[3]["captions_bt"] = ["only one"]
     with pytest.raises(UserError, match=r"ann.json: entry 3 .*'captions_bt' must be a list of 2"):
         dataset_from_annotations("x", Annotations(entries, str(tmp_path), "ann.json"), check_images=False)
@@ -457,10 +459,10 @@ def test_run_sh_test_finds_and_evaluates_a_reference_folder(reference_run, demo_
 
 # ------------------------------------------------------------------------------------------------ training
 def tbps_argv(root, out, *extra):
-    return train_argv(root, out, "--loss_names", "nitc+ritc+citc+ss", "--php_modules", "none", "--image_recipe",
+    return train_argv(root, out, "--loss_names", "nitc+ritc+citc+ss", "--image_recipe",
                       "tbps", "--caption_augment", "tbps", "--lr_step", "iteration", "--warmup_epochs", "1",
                       "--warmup_factor", "0.01", "--optimizer", "AdamW", "--no_decay_1d", "true",
-                      "--text_attn_dropout", "0.05", *extra)
+                      "--text_attn_dropout", "0.05", *extra, config=plain_smoke())
 
 
 def test_a_tbps_run_trains_and_resumes_exactly(tiny_root, tmp_path, capsys, monkeypatch):

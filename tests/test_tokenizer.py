@@ -3,6 +3,7 @@ from open_clip.tokenizer import SimpleTokenizer
 import pytest
 import torch
 
+from methods.irra.masking import mask_tokens
 from utils import tokenizer as T
 from utils.errors import UserError
 
@@ -92,13 +93,13 @@ def test_decode_round_trip_and_mask():
 
 def test_mask_tokens_rules():
     ids = torch.tensor([T.SOT_ID, 320, 786, 0, 267, T.EOT_ID, 0, 0])
-    masked, labels = T.mask_tokens(ids, mask_rate=1.0, replace_mask=1.0, replace_random=0.0)
+    masked, labels = mask_tokens(ids, mask_rate=1.0, replace_mask=1.0, replace_random=0.0)
     # id 0 (padding, and the '!' token) and SOT/EOT are never chosen.
     assert masked.tolist() == [T.SOT_ID, T.MASK_ID, T.MASK_ID, 0, T.MASK_ID, T.EOT_ID, 0, 0]
     assert labels.tolist() == [0, 320, 786, 0, 267, 0, 0, 0]
-    masked, labels = T.mask_tokens(ids, mask_rate=1.0, replace_mask=0.0, replace_random=0.0)
+    masked, labels = mask_tokens(ids, mask_rate=1.0, replace_mask=0.0, replace_random=0.0)
     assert masked.tolist() == ids.tolist() and labels.tolist() == [0, 320, 786, 0, 267, 0, 0, 0]
-    masked, _ = T.mask_tokens(ids, mask_rate=1.0, replace_mask=0.0, replace_random=1.0,
+    masked, _ = mask_tokens(ids, mask_rate=1.0, replace_mask=0.0, replace_random=1.0,
                               generator=torch.Generator().manual_seed(0))
     chosen = torch.tensor([1, 2, 4])
     assert ((masked[chosen] >= 1) & (masked[chosen] < T.MASK_ID)).all()
@@ -107,7 +108,7 @@ def test_mask_tokens_rules():
 
 def test_mask_tokens_masks_position_one_when_nothing_chosen():
     ids = torch.tensor([T.SOT_ID, 320, 786, T.EOT_ID, 0])
-    masked, labels = T.mask_tokens(ids, mask_rate=0.0)
+    masked, labels = mask_tokens(ids, mask_rate=0.0)
     assert masked.tolist() == [T.SOT_ID, T.MASK_ID, 786, T.EOT_ID, 0]
     assert labels.tolist() == [0, 320, 0, 0, 0]
 
@@ -117,7 +118,7 @@ def test_mask_tokens_statistics_and_determinism():
     ids = torch.cat([torch.tensor([T.SOT_ID]), torch.arange(1000, 1075), torch.tensor([T.EOT_ID])])
     chosen = masked = random = kept = 0
     for _ in range(2000):
-        m, lab = T.mask_tokens(ids, generator=g)
+        m, lab = mask_tokens(ids, generator=g)
         sel = lab != 0
         assert lab[sel].equal(ids[sel]) and m[~sel].equal(ids[~sel])
         chosen += int(sel.sum())
@@ -129,6 +130,6 @@ def test_mask_tokens_statistics_and_determinism():
     assert abs(masked / chosen - 0.8) < 0.01
     assert abs(random / chosen - 0.1) < 0.01
     assert abs(kept / chosen - 0.1) < 0.01
-    a = T.mask_tokens(ids, generator=torch.Generator().manual_seed(5))
-    b = T.mask_tokens(ids, generator=torch.Generator().manual_seed(5))
+    a = mask_tokens(ids, generator=torch.Generator().manual_seed(5))
+    b = mask_tokens(ids, generator=torch.Generator().manual_seed(5))
     assert a[0].equal(b[0]) and a[1].equal(b[1])

@@ -48,10 +48,10 @@ import time
 from processor import presets
 _train = presets.train
 
-def train(cfg, config_file=""):
+def train(cfg, *args):
     if not cfg.name.startswith("php"):
         time.sleep(600)
-    return _train(cfg, config_file)
+    return _train(cfg, *args)
 presets.train = train
 """
 KILLED = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
@@ -224,6 +224,6 @@ def test_a_tbps_clip_reference_run_is_labelled_by_its_method(tmp_path):
     folder = tmp_path / "CUHK-PEDES" / "tbps_reference"
     write_reference_run(str(folder))
     [run] = load_runs([str(folder / "config.yaml")], device="cpu", no_cache=True)
-    assert run.name == "TBPS-CLIP" and run.loaded.cfg.name == "php"  # the option's default, which it never set
+    assert run.name == "TBPS-CLIP" and run.loaded.cfg.name == "run"  # the option's default, which it never set
     [named] = load_runs([str(folder / "config.yaml")], device="cpu", overrides={"name": "mine"}, no_cache=True)
     assert named.name == "mine"

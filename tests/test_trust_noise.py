@@ -13,10 +13,10 @@ import pytest
 
 from datasets.noise import read_noise_file
 from evaluation.runs import noise_of
-from helpers import assert_one_error_line, build_dataset, run_dir, run_entry, run_tool, train_argv, tree
+from helpers import assert_one_error_line, build_dataset, run_dir, run_entry, run_tool, train_argv, tree, plain_smoke
 from model import load_model
 from published_layout import write_published_run
-import processor.ccd
+import methods.rde.ccd
 import test as test_entry
 import train
 from utils.checkpoint import read_checkpoint, save_checkpoint
@@ -28,8 +28,8 @@ PAIRS = 32  # training pairs of the tiny Demo-PEDES: 8 identities x 2 images x 2
 
 def tal_argv(root, out, *extra, epochs=1):
     """`epochs` epochs of RDE's loss (TAL, CCD on) on the tiny Demo-PEDES."""
-    return train_argv(root, out, "--loss_names", "tal", "--php_modules", "none", "--warmup_epochs", "0",
-                      "--num_epoch", str(epochs), *extra)
+    return train_argv(root, out, "--loss_names", "tal", "--warmup_epochs", "0", "--num_epoch", str(epochs), *extra,
+                      config=plain_smoke())
 
 
 def half_noise(path, swaps=PAIRS // 4):
@@ -70,12 +70,12 @@ def test_a_noise_file_changed_before_a_resume_stops_it(tiny_root, tmp_path, caps
 
 # ------------------------------------------------------------------------------------ 2. the rate of a noise file
 def test_a_noise_file_alone_sets_ccds_settings_and_the_noise_column(tiny_root, tmp_path, capsys, monkeypatch):
-    """--noisy_file alone, noisy_rate left at 0 (the README's form): the file's rate, 20 of 32 noisy pairs, gives
+    """--noisy_file alone, noisy_rate left at 0 (docs/options.md's form): the file's rate, 20 of 32 noisy pairs, gives
     CCD's mixture the settings of noise above 0.4, and the summary's noise column says 0.625."""
     noise = half_noise(tmp_path / "n625.npy", swaps=PAIRS // 4 + 2)
     strong = []
-    fit = processor.ccd.clean_probability
-    monkeypatch.setattr(processor.ccd, "clean_probability",
+    fit = methods.rde.ccd.clean_probability
+    monkeypatch.setattr(methods.rde.ccd, "clean_probability",
                         lambda losses, settings: strong.append(settings) or fit(losses, settings))
     work = tmp_path / "work"
     code, err = run_entry(train.main, tal_argv(tiny_root, str(work / "logs"), "--noisy_file", noise), capsys)

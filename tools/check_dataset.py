@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 from datasets import PedesDataset, dataset_from_config
 from datasets.image_text import read_image
-from utils.cli import DEBUG, Command, Flag, integer, parse_command_line, run_main
+from utils.cli import add_shared, command, integer, parse_command_line, run_main
 from utils.config import build_config
 from utils.errors import UserError
 
@@ -69,10 +69,12 @@ def decode_all(dataset: PedesDataset, workers: int) -> List[str]:
         return [msg for msg in pool.map(check, paths, chunksize=64) if msg]
 
 
-COMMAND = Command("python -m tools.check_dataset", __doc__, flags=(
-    Flag("config_file", "read the data set's options from this config (then the command line's)", metavar="FILE"),
-    Flag("decode", "also open and decode every image", nargs=0),
-    Flag("workers", "threads used by --decode", type=integer, default=os.cpu_count() or 1), DEBUG))
+COMMAND = command("python -m tools.check_dataset", __doc__)
+COMMAND.add_argument("--config_file", metavar="FILE",
+                     help="read the data set's options from this config (then the command line's)")
+COMMAND.add_argument("--decode", action="store_true", help="also open and decode every image")
+COMMAND.add_argument("--workers", type=integer, default=os.cpu_count() or 1, help="threads used by --decode")
+add_shared(COMMAND, "debug")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

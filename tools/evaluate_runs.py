@@ -6,10 +6,10 @@ means root_dir X and run folder RUN; `--key=value` works too; list values are wr
 256 --device cpu`); `--debug` shows tracebacks, `--trust_checkpoint` allows checkpoints that need full unpickling.
 With no run folder, every folder under ./logs holding configs.yaml and best.pth is evaluated (any depth).
 
-This project's runs and published IRRA / PHP folders alike. A published PHP run gives two rows: compat `php_v1`
-(the reference protocol: EFP attention across the batch, test split in file order at the config's
-test_batch_size; SPEC 8) and `none` (batch-independent embeddings). `--compat none|php_v1` evaluates every run
-in that one mode instead. A run that cannot be evaluated gets a row with the reason and the others still run.
+This project's runs and published releases' folders alike (model/layouts.py). A published run whose release has a
+mode of its own gives two rows: that mode (the reference protocol, e.g. PHP's `php_v1`: EFP attention across the
+batch, test split in file order at the config's test_batch_size; SPEC 8) and `none` (batch-independent
+embeddings). `--compat MODE` evaluates every run in that one mode instead. A run that cannot be evaluated gets a row with the reason and the others still run.
 The table is printed and written to ./logs/summary.md and ./logs/summary.csv (relative to the current folder).
 
 `--cross [--cross_datasets FILE ...]`: the cross-domain matrix instead (evaluation/cross_domain.py): every run on
@@ -21,12 +21,12 @@ Exit status: 0 when every row (cell) succeeded, 1 when any failed, 2 for bad opt
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from evaluation.cross_domain import cross_domain_matrix
 from evaluation.runs import EvaluationRequest, check_overrides, evaluate_folders, write_summary
-from utils.cli import COMPAT, DEBUG, TRUST, Command, Flag, parse_command_line, run_main
+from model.layouts import check_compat
+from utils.cli import add_shared, command, parse_command_line, run_main
 from utils.config import config_from_values
 from utils.logger import setup_logger
 
@@ -36,19 +36,20 @@ def is_annotation_token(token: str) -> bool:
     return not os.path.isdir(token) and not token.lower().endswith((".yaml", ".yml"))
 
 
-COMMAND = Command("sh run.sh test", __doc__, positionals="RUN_DIR", flags=(
-    Flag("cross", "the cross-domain matrix instead of the summary", nargs=0),
-    Flag("cross_datasets", "annotation files to add as test sets of --cross", nargs="+", repeat=True,
-         metavar="FILE", ends=lambda token: not is_annotation_token(token)),
-    dataclasses.replace(COMPAT, default=None), TRUST, DEBUG))
+COMMAND = command("sh run.sh test", __doc__, positionals="RUN_DIR")
+COMMAND.add_argument("--cross", action="store_true", help="the cross-domain matrix instead of the summary")
+COMMAND.add_argument("--cross_datasets", nargs="+", action="extend", metavar="FILE",
+                     ends=lambda token: not is_annotation_token(token),
+                     help="annotation files to add as test sets of --cross")
+add_shared(COMMAND, "compat", "trust_checkpoint", "debug", compat=None)
 
 
 def main(argv) -> int:
     args = parse_command_line(COMMAND, argv)
     if args.cross_datasets and not args.cross:
-        args.flags["cross"] = True
+        args.cross = True
     check_overrides(args.overrides)
-    compat = args.compat or ("none" if args.cross else "auto")
+    compat = check_compat(args.compat or ("none" if args.cross else "auto"))
     request = EvaluationRequest(args.positionals, args.overrides, compat, args.trust_checkpoint, args.debug)
     setup_logger()
     if args.cross:

@@ -23,7 +23,7 @@ from datasets import dataset_from_config
 from evaluation.audit import ORDERS, audit
 from model import load_model
 from processor.training import train
-from utils.cli import DEBUG, Command, Flag, integer, parse_command_line, run_main
+from utils.cli import add_shared, command, integer, parse_command_line, run_main
 from utils.config import Config, build_config
 from utils.logger import setup_logger
 
@@ -84,11 +84,12 @@ def markdown(rows: list, command: str, seconds: float, batch_size: int) -> str:
     return "\n".join(lines)
 
 
-COMMAND = Command("sh run.sh leak-study", __doc__, flags=(
-    Flag("config_file", "the config both runs train", default=os.path.join(ROOT, "configs", "demo.yaml"),
-         metavar="FILE"),
-    Flag("out", "markdown table to write", default=os.path.join(ROOT, "docs", "batch_leak.md")),
-    Flag("eval_batch_size", "test batch size (the PHP release used 64)", type=integer, default=64), DEBUG))
+COMMAND = command("sh run.sh leak-study", __doc__)
+COMMAND.add_argument("--config_file", default=os.path.join(ROOT, "configs", "demo.yaml"), metavar="FILE",
+                     help="the config both runs train")
+COMMAND.add_argument("--out", default=os.path.join(ROOT, "docs", "batch_leak.md"), help="markdown table to write")
+COMMAND.add_argument("--eval_batch_size", type=integer, default=64, help="test batch size (the PHP release used 64)")
+add_shared(COMMAND, "debug")
 
 
 def main(argv) -> int:

@@ -14,19 +14,22 @@ import os
 import shlex
 
 from processor.methods import DATASETS, run_methods
-from utils.cli import DEBUG, Command, Flag, integer, parse_command_line, run_main
+from utils.cli import add_shared, command, integer, parse_command_line, run_main
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-COMMAND = Command("sh run.sh methods", __doc__, flags=(
-    Flag("seeds", "one run per seed and method, named <name>_seed<N>", nargs="+", type=integer, metavar="N",
-         expects="integers", needs="at least one seed, e.g. --seeds 1 2 3"),
-    Flag("paper", "the paper presets of this data set instead of the Demo ones", choices=DATASETS),
-    Flag("methods", "a comma-separated subset: IRRA, PHP, RDE, TBPS-CLIP", metavar="NAMES"),
-    Flag("tag", "name the runs <name>_<TAG> and the tables methods_<TAG>.md/.csv (a table under other options)",
-         default="", metavar="TAG"),
-    Flag("jobs", "runs side by side, each with cores/N threads: auto (on the CPU one per core, at most 4; on a "
-                 "GPU 1) or N", default="auto", metavar="N"),
-    DEBUG))
+COMMAND = command("sh run.sh methods", __doc__)
+COMMAND.add_argument("--seeds", nargs="+", type=integer, metavar="N", expects="integers",
+                     needs="at least one seed, e.g. --seeds 1 2 3",
+                     help="one run per seed and method, named <name>_seed<N>")
+COMMAND.add_argument("--paper", choices=DATASETS, help="the paper presets of this data set instead of the Demo ones")
+COMMAND.add_argument("--methods", metavar="NAMES", help="a comma-separated subset: IRRA, PHP, RDE, TBPS-CLIP")
+COMMAND.add_argument("--tag", default="", metavar="TAG",
+                     help="name the runs <name>_<TAG> and the tables methods_<TAG>.md/.csv (a table under other "
+                          "options)")
+COMMAND.add_argument("--jobs", default="auto", metavar="N",
+                     help="runs side by side, each with cores/N threads: auto (on the CPU one per core, at most 4; "
+                          "on a GPU 1) or N")
+add_shared(COMMAND, "debug")
 
 
 def main(argv) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from evaluation.curves import plot_curves
-from utils.cli import DEBUG, Command, parse_command_line, run_main
+from utils.cli import add_shared, command, parse_command_line, run_main
 from utils.errors import UserError
 
-COMMAND = Command("python -m tools.plot_curves", __doc__, flags=(DEBUG,), positionals="RUN_DIR", overrides=False)
+COMMAND = command("python -m tools.plot_curves", __doc__, positionals="RUN_DIR", options=False)
+add_shared(COMMAND, "debug")
 
 
 def main(argv) -> int:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import sys
 
 from processor.presets import problems
-from utils.cli import DEBUG, Command, Flag, parse_command_line, run_main
+from utils.cli import add_shared, command, parse_command_line, run_main
 from utils.config import build_config
 
-COMMAND = Command("python -m tools.preflight", __doc__, flags=(
-    Flag("config_file", "the preset's YAML", required=True, metavar="FILE"), DEBUG))
+COMMAND = command("python -m tools.preflight", __doc__)
+COMMAND.add_argument("--config_file", required=True, metavar="FILE", help="the preset's YAML")
+add_shared(COMMAND, "debug")
 
 
 def main(argv) -> int:

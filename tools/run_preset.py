@@ -10,14 +10,14 @@ fails, with that run's exit code. The job itself is processor.presets.run_preset
 from __future__ import annotations
 
 from processor.presets import run_preset
-from utils.cli import DEBUG, Command, Flag, integer, parse_command_line, run_main
+from utils.cli import add_shared, command, integer, parse_command_line, run_main
 from utils.config import build_config
 
-COMMAND = Command("sh run.sh <preset>", __doc__, flags=(
-    Flag("config_file", "the preset's YAML", required=True, metavar="FILE"),
-    Flag("seeds", "one run per seed, named <name>_seed<N>", nargs="+", type=integer, metavar="N",
-         expects="integers", needs="at least one seed, e.g. --seeds 1 2 3"),
-    DEBUG))
+COMMAND = command("sh run.sh <preset>", __doc__)
+COMMAND.add_argument("--config_file", required=True, metavar="FILE", help="the preset's YAML")
+COMMAND.add_argument("--seeds", nargs="+", type=integer, metavar="N", expects="integers",
+                     needs="at least one seed, e.g. --seeds 1 2 3", help="one run per seed, named <name>_seed<N>")
+add_shared(COMMAND, "debug")
 
 
 def main(argv) -> int:

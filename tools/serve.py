@@ -19,22 +19,23 @@ import time
 
 from evaluation.runs import LOGS, config_path, discover_runs
 from evaluation.web import Service, allowed_hosts, build_app, listening_socket, shown_url
-from utils.cli import COMPAT, DEBUG, TRUST, Command, Flag, integer, parse_command_line, run_main
+from utils.cli import add_shared, command, integer, parse_command_line, run_main
 from utils.errors import UserError
 from utils.logger import setup_logger
 
-COMMAND = Command("sh run.sh serve", __doc__, positionals="RUN_DIR", flags=(
-    Flag("port", "port to listen on (0: any free one)", type=integer, default=7860),
-    Flag("host", "address to bind (127.0.0.1: this machine only; 0.0.0.0 opens it to the network)",
-         default="127.0.0.1"),
-    Flag("gallery", "search the images in DIR instead of a split", metavar="DIR"),
-    Flag("split", "search this split (default: test)", choices=("test", "val")),
-    Flag("topk", "the page's initial k, hits per run", type=integer, default=10),
-    Flag("cache_dir", "where gallery embeddings are cached (default: <run>/cache)"),
-    Flag("no_cache", "neither read nor write the gallery cache", nargs=0),
-    Flag("allow_host", "another name requests may address this server by (with --host beyond 127.0.0.1)",
-         repeat=True, metavar="NAME"),
-    COMPAT, TRUST, DEBUG), epilog="Config options as --key value apply to every run.")
+COMMAND = command("sh run.sh serve", __doc__, positionals="RUN_DIR",
+                  epilog="Config options as --key value apply to every run.")
+COMMAND.add_argument("--port", type=integer, default=7860, help="port to listen on (0: any free one)")
+COMMAND.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+COMMAND.add_argument("--gallery", metavar="DIR", help="search the images in DIR instead of a split")
+COMMAND.add_argument("--split", choices=("test", "val"), help="search this split (default: test)")
+COMMAND.add_argument("--topk", type=integer, default=10, help="the page's initial k, hits per run")
+COMMAND.add_argument("--cache_dir", help="where gallery embeddings are cached (default: <run>/cache)")
+COMMAND.add_argument("--no_cache", action="store_true", help="neither read nor write the gallery cache")
+COMMAND.add_argument("--allow_host", action="append", metavar="NAME",
+                     help="another name requests may address this server by (with --host beyond 127.0.0.1)")
+add_shared(COMMAND, "compat", "trust_checkpoint", "debug")
 
 
 def main(argv) -> int:

@@ -28,6 +28,7 @@ from utils import safe_unpickle, tensor_archive
 
 from utils.errors import UserError
 from utils.files import remove_orphan_temps, write_atomic
+from utils.plugins import load_methods
 
 TRUST_FLAG = "--trust_checkpoint"
 CHECKSUMS = "weights_crc32"
@@ -111,7 +112,7 @@ def read_checkpoint(path: str, trusted: bool = False, verify: bool = True, torch
 
 def _load(path: str, trusted: bool) -> Any:
     """torch.load on the CPU: weights only unless `trusted`; a zip archive refused only for the harmless types
-    that utils/safe_unpickle.py also reads (a TBPS-CLIP checkpoint's EasyDict config and numpy scalars) is read
+    that a method lets utils/safe_unpickle.py read (safe_unpickle.allow) is read
     again by utils/tensor_archive.py, with those types as plain ones. torch's legacy (pre-zip) format is never
     read that way: it is refused, as every path that could unpickle it beyond torch's weights-only loader."""
     with warnings.catch_warnings():
@@ -121,6 +122,7 @@ def _load(path: str, trusted: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=not trusted)
         except pickle.UnpicklingError as e:
             needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            load_methods()  # a method's layout allows its published checkpoints' few extra types
             if trusted or needed is None or needed.group(1) not in safe_unpickle.EXTRA:
                 raise
     if not zipfile.is_zipfile(path):

@@ -1,30 +1,35 @@
-"""The command line of every entry point and tool: one parser, and turning a UserError into one line + exit code.
+"""The command line of every entry point, tool and benchmark, on argparse; `run_main` turns a UserError into one
+line and an exit code.
 
-A command declares its own flags (`Flag`: `--config_file FILE`, `--seeds N ...`, `--audit`); every other `--key`
-is a config option (an override, checked by name and type once the config is built, plug-ins' options included).
-Bare tokens are positional arguments (run folders) where the command takes them, else an error.
+A command is a `Parser` from `command(...)` that declares its own flags with argparse's `add_argument`
+(`add_shared`: --debug, --trust_checkpoint, --compat). `parse_command_line` adds the schema's config options
+(utils/schema.py, plug-ins' included) as `--<name>` arguments, which `--help` lists under "config options" with
+type, default and help, and returns an argparse Namespace: the flags, `overrides` (the config options given, as
+raw text: utils/config.py converts and checks them, naming the command line) and `positionals` (run folders,
+where the command takes them).
 
-How values are read:
-- `--key=value` gives one value.
 - A config option takes the tokens that follow it up to the next option (`--img_size 384 128` is a list, a lone
-  `--img_aug` is `true`). A command with positional arguments (`sh run.sh test`) gives an option one token at
-  most, so that `--root_dir X RUN` means root_dir X and run folder RUN; lists are then written `384,128`.
-- A flag takes no value (a switch), one, or several (`nargs="+"`: up to the next option, or a token its `ends`
-  test stops at). A flag given twice is an error unless it is `repeat`ed by design (`--config_file A
-  --config_file B`), and so is a config option given twice.
+  `--img_aug` is `true`); `--key=value` gives one value. A command with positional arguments (`sh run.sh test`)
+  gives an option one token at most, so that `--root_dir X RUN` means root_dir X and run folder RUN; lists are
+  then written `384,128`.
+- A plug-in declares its options only when its custom_imports is read, once parsing is done: argparse leaves
+  them over (`parse_known_args`) and they are read here by the same rules.
+- A flag or option given twice is an error unless it repeats by design (action "append" or "extend").
+- A bad command line is one line, `error: command line: ...`, exit status 2: a UserError under
+  parse_command_line, an exit under a benchmark's own `parse_args`. `-h` / `--help` exits 0.
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import os
 import re
 import sys
-import textwrap
 import traceback
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from utils.errors import UserError, closest, did_you_mean, short_repr
-from utils.schema import COMPAT_MODES
+from utils.schema import type_name
 
 
 def integer(text: str) -> int:
@@ -49,225 +54,269 @@ def check_seed_range(option: str, seed: int) -> None:
                         f"{short_repr(seed)}")
 
 
-@dataclass(frozen=True)
-class Flag:
-    """A flag of one command (not a config option): `--name`, with what it takes."""
-
-    name: str
-    help: str = ""
-    nargs: Union[int, str] = 1  # 0: a switch; 1: one value; "+": one or more
-    type: Callable[[str], Any] = str
-    default: Any = None
-    choices: Optional[Sequence[str]] = None
-    dest: str = ""  # where the value goes (default: name); flags sharing a dest append to one list
-    repeat: bool = False  # may be given several times; the values are collected in order
-    required: bool = False
-    metavar: str = ""
-    ends: Optional[Callable[[str], bool]] = None  # with nargs "+": a bare token that ends the values
-    expects: str = ""  # what a value must be, for the message when `type` refuses one (default: from the type)
-    needs: str = ""  # what is missing when no value follows, for the message (default: "a value" / "at least one")
-
-    @property
-    def key(self) -> str:
-        return self.dest or self.name
+class _Refused(argparse.ArgumentTypeError):
+    """A value refused by a flag's type or choices, in the project's words."""
 
 
-DEBUG = Flag("debug", "show Python tracebacks for errors", nargs=0)
-TRUST = Flag("trust_checkpoint", "allow checkpoints that need full unpickling (only for files you trust)", nargs=0)
-COMPAT = Flag("compat", "how a run's PHP head attends when loaded: 'none' (batch-independent), 'php_v1' (across the "
-                        "batch, as the PHP reference release), 'auto' (php_v1 for published PHP checkpoints only)",
-              choices=COMPAT_MODES, default="auto")
+class _Flag(argparse.Action):
+    """argparse's store, store_true, append and extend with the project's rules: used once unless it repeats by
+    design; a refused value named with what it must be (`expects`), a missing one with what is needed (`needs`);
+    `ends`: a test of a bare token that ends the values of an nargs "+" flag (see _cut_at_ends)."""
 
+    def __init__(self, option_strings, dest, kind="store", expects="", needs="", ends=None, **kwargs):
+        if kind == "store_true":
+            kwargs.update(nargs=0, const=True, default=kwargs.get("default", False))
+        elif kind in ("append", "extend") and kwargs.get("default") is None:
+            kwargs["default"] = []
+        super().__init__(option_strings, dest, **kwargs)
+        self.kind, self.expects, self.needs, self.ends = kind, expects, needs, ends
+        if self.nargs != 0:
+            self.type = functools.partial(self._checked, self.type or str)
+        shown = self.default not in (None, "", [], argparse.SUPPRESS) and not isinstance(self.default, bool)
+        if shown and self.help not in (None, argparse.SUPPRESS) and "%(default)" not in self.help:
+            self.help += " (default: %(default)s)"
 
-@dataclass(frozen=True)
-class Command:
-    prog: str
-    description: str
-    flags: Sequence[Flag] = ()
-    positionals: str = ""  # the name of bare tokens in the usage line ("RUN_DIR"); "": none are taken
-    overrides: bool = True  # --key value config options are taken
-    epilog: str = ""
-
-    def flag(self, name: str) -> Optional[Flag]:
-        return next((f for f in self.flags if f.name == name), None)
-
-
-class Parsed:
-    """A parsed command line: `flags` (by dest, also as attributes), config `overrides`, `positionals`."""
-
-    def __init__(self, flags: Dict[str, Any], overrides: Dict[str, Any], positionals: List[str]):
-        self.flags, self.overrides, self.positionals = flags, overrides, positionals
-
-    def __getattr__(self, name: str) -> Any:
+    def _checked(self, convert: Callable[[str], Any], token: str) -> Any:
         try:
-            return self.__dict__["flags"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+            value = convert(token)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            expected = self.expects or _TYPE_NAMES.get(convert, "a valid value")
+            raise _Refused(f"takes {expected}; got {short_repr(token)}") from None
+        if self.choices is not None and value not in self.choices:
+            raise _Refused(f"must be one of {', '.join(map(str, self.choices))}; got {short_repr(token)}")
+        return value
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.kind in ("append", "extend"):
+            items = list(getattr(namespace, self.dest, None) or [])
+            setattr(namespace, self.dest, items + (list(values) if self.kind == "extend" else [values]))
+            return
+        parser.once(self, option_string)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
 
 
-def parse_command_line(command: Command, argv: Optional[Sequence[str]] = None) -> Parsed:
-    """`argv` (default sys.argv[1:]) read as `command` declares; `-h` / `--help` prints the help and exits 0."""
+class _ConfigValue(argparse.Action):
+    """A config option: its raw text (`true` alone, a list for several tokens), for utils/config.py to convert and
+    check. Not given, it is absent (default SUPPRESS), so that the config file's value stays."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.once(self, option_string)
+        if isinstance(values, list):
+            values = "true" if not values else values[0] if len(values) == 1 else values
+        setattr(namespace, self.dest, values)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def _format_action_invocation(self, action):
+        # A config option reads as the schema describes it, `--lr (float, default 3e-06)`, not `--lr [LR ...]`;
+        # argparse has no public hook for this part of the help.
+        if isinstance(action, _ConfigValue):
+            return f"{action.option_strings[0]} {action.metavar}"
+        return super()._format_action_invocation(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser without abbreviations (`--config` is no `--config_file`), with the project's flags
+    (_Flag) and one-line errors: printed with exit status 2, or raised as a UserError when `exit_on_error` is
+    False. `positionals`: the name of the bare tokens it takes ("RUN_DIR"), "" for none; `options`: whether it
+    takes config options."""
+
+    def __init__(self, *args, positionals: str = "", options: bool = False, exit_on_error: bool = True, **kwargs):
+        self.named: Dict[str, argparse.Action] = {}  # by option string; filled by add_argument
+        self.given: Dict[str, str] = {}
+        super().__init__(*args, allow_abbrev=False, exit_on_error=False, formatter_class=_Formatter, **kwargs)
+        self.positionals, self.options, self.exits = positionals, options, exit_on_error
+        for kind in (None, "store", "store_true", "append", "extend"):
+            self.register("action", kind, functools.partial(_Flag, kind=kind or "store"))
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.named.update(dict.fromkeys(action.option_strings, action))
+        return action
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = {}
+        try:
+            return super().parse_known_args(args, namespace)
+        except argparse.ArgumentError as e:
+            self.error(_explain(self, e))
+
+    def once(self, action: argparse.Action, option_string: str) -> None:
+        if action.dest in self.given:
+            raise argparse.ArgumentError(None, f"option '{option_string}' is given twice; give it once")
+        self.given[action.dest] = option_string
+
+    def error(self, message: str):
+        if not self.exits:
+            raise UserError(f"command line: {message}")
+        # argparse would print the usage and `prog: error: ...`: the project's errors are one line.
+        print(f"error: command line: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _explain(parser: Parser, error: argparse.ArgumentError) -> str:
+    """An ArgumentError in the project's words: a refused value as its check said, a missing or unwanted one from
+    what the flag takes."""
+    name, action = error.argument_name, parser.named.get(error.argument_name or "")
+    if name is None or isinstance(error.__context__, _Refused) or not isinstance(action, _Flag):
+        return error.message if name is None else f"{name} {error.message}"
+    if action.nargs == 0:
+        return f"{name} takes no value"
+    return f"{name} needs {action.needs or ('at least one value' if action.nargs == '+' else 'a value')}"
+
+
+def command(prog: str, description: str, positionals: str = "", options: bool = True, epilog: str = "") -> Parser:
+    """A command's parser, on which it declares its flags with `add_argument`; read with parse_command_line."""
+    return Parser(prog=prog, description=description, epilog=epilog or None, positionals=positionals,
+                  options=options)
+
+
+_SHARED = {
+    "debug": dict(action="store_true", help="show Python tracebacks for errors"),
+    "trust_checkpoint": dict(action="store_true", help="allow checkpoints that need full unpickling (only for "
+                                                       "files you trust)"),
+    # The modes are the registered layouts' (model/layouts.py), which loading checks: this layer cannot list them.
+    "compat": dict(default="auto", metavar="MODE", help="the mode a run is evaluated in: 'none' (every head's own, "
+                   "batch-independent), a published release's own mode (its layout's, e.g. a batch-dependent "
+                   "one), 'auto' (a published run's release mode, a run of this project's own configuration)")}
+
+
+def add_shared(parser: Parser, *names: str, **defaults: Any) -> None:
+    """The flags several commands share, by name (debug, trust_checkpoint, compat), with other `defaults`."""
+    for name in names:
+        changed = {"default": defaults[name]} if name in defaults else {}
+        parser.add_argument(f"--{name}", **{**_SHARED[name], **changed})
+
+
+def parse_command_line(command: Parser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """`argv` (default sys.argv[1:]) read as `command` declares, with the config options where it takes them."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print_help(command, argv)
-        raise SystemExit(0)
-    flags = {f.key: ([] if f.repeat else (False if f.nargs == 0 else f.default)) for f in command.flags}
-    given: Dict[str, str] = {}
-    overrides: Dict[str, Any] = {}
+    parser, options = _full_parser(command, argv)
+    namespace, extras = parser.parse_known_args(_cut_at_ends(parser, argv))
+    flags = vars(namespace)
+    flags.pop(_END, None)
+    overrides = {name: flags.pop(name) for name in list(flags) if name in options}
+    positionals = _read_leftovers(parser, extras, overrides)
+    seeds = [("--seed", overrides.get("seed"))] + [("--seeds", seed) for seed in flags.get("seeds") or []]
+    for name, seed in seeds:  # a seed that is no integer is left to the config's own message
+        if isinstance(seed, (int, str)) and re.fullmatch(r"[+-]?[0-9]+", str(seed).strip()):
+            check_seed_range(name, int(seed))
+    return argparse.Namespace(**flags, overrides=overrides, positionals=positionals)
+
+
+_END = "--(end of values)"  # placed by _cut_at_ends; a token nobody types
+
+
+def _full_parser(command: Parser, argv: List[str]) -> Tuple[Parser, List[str]]:
+    """The command's flags and, where it takes them, the config options, in a parser built anew for each parse
+    (the options grow as plug-ins are imported); also the options' names."""
+    usage = command.format_usage().replace("usage: ", "", 1).strip().replace("%", "%%") + \
+        (" [--OPTION VALUE ...]" if command.options else "") + \
+        (f" [{command.positionals} ...]" if command.positionals else "")
+    parser = Parser(prog=command.prog, usage=usage, description=command.description, epilog=command.epilog,
+                    parents=[command], add_help=False, exit_on_error=False, positionals=command.positionals,
+                    options=command.options)
+    parser.named.update(command.named)
+    parser.add_argument(_END, action="count", dest=_END, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    if not command.options:
+        return parser, []
+    from utils.config import option_names
+    names, note = _help_options(argv) if "-h" in argv or "--help" in argv else (option_names(), "")
+    return parser, _add_options(parser, names, note)
+
+
+def _help_options(argv: List[str]) -> Tuple[List[str], str]:
+    """The options --help lists: this project's, and the plug-ins' that --config_file or --custom_imports name."""
+    from utils.config import CORE, build_config
+
+    def after(flag: str) -> List[str]:
+        start = argv.index(flag) + 1 if flag in argv else len(argv)
+        return [t for t in argv[start:start + 50] if not t.startswith("--")]
+
+    config_file, imports = (after("--config_file") or [None])[0], after("--custom_imports")
+    try:
+        cfg = build_config(config_file if config_file and os.path.isfile(config_file) else None,
+                           {"custom_imports": imports} if imports else None, check=False)
+        return [*CORE, *cfg.plugin_options], ""
+    except UserError as e:
+        return list(CORE), f"(plug-in options not listed: {e})\n"
+
+
+def _add_options(parser: Parser, names: Sequence[str], note: str) -> List[str]:
+    """The options `names` as `--<name>` arguments of `parser` (a flag of the command's own of that name wins);
+    returns the names added."""
+    from utils.config import option
+    one = bool(parser.positionals)
+    group = parser.add_argument_group("config options", f"{note}any of them as --key value, or in the --config_file "
+                                      f"YAML; a list as --img_size {'384,128' if one else '384 128'}; a lone --key "
+                                      "means true")
+    taken = set(parser.named) | {action.dest for action in parser.named.values()}
+    added = []
+    for opt in map(option, names):
+        if opt is None or f"--{opt.name}" in taken or opt.name in taken:
+            continue
+        owner = f", from {opt.owner}" if opt.owner != "core" else ""
+        text = opt.help + (f" One of: {', '.join(map(str, opt.choices))}." if opt.choices else "")
+        group.add_argument(f"--{opt.name}", action=_ConfigValue, nargs="?" if one else "*", const="true",
+                           default=argparse.SUPPRESS, help=text.replace("%", "%%"),
+                           metavar=f"({type_name(opt.type)}, default {opt.default!r}{owner})")
+        added.append(opt.name)
+    return added
+
+
+def _cut_at_ends(parser: Parser, argv: List[str]) -> List[str]:
+    """argv with the end marker before a token that ends a flag's values (`ends`: a run folder after
+    --cross_datasets FILE ...), since argparse's nargs counts tokens and cannot look at them."""
+    out, ends, taken = [], None, 0
+    for token in argv:
+        if token.startswith("-"):
+            ends, taken = getattr(parser.named.get(token), "ends", None), 0
+        elif ends is not None and taken and ends(token):
+            out.append(_END)
+            ends = None
+        else:
+            taken += 1
+        out.append(token)
+    return out
+
+
+def _read_leftovers(parser: Parser, extras: List[str], overrides: Dict[str, Any]) -> List[str]:
+    """What argparse left over: bare tokens (positional arguments, where the command takes them) and options it
+    did not know, read into `overrides` by the rules of the module's docstring; returns the positionals."""
     positionals: List[str] = []
     i = 0
-    while i < len(argv):
-        token = argv[i]
+    while i < len(extras):
+        token = extras[i]
         i += 1
         if not token.startswith("--") or token == "--":
-            if not command.positionals:
+            if not parser.positionals:
                 raise UserError(f"command line: expected an option starting with '--', got {short_repr(token)}")
             positionals.append(token)
             continue
         key, has_value, inline = token[2:].partition("=")
-        flag = command.flag(key)
-        if flag is not None:
-            values, i = _flag_values(flag, argv, i, inline if has_value else None)
-            _store(flags, given, flag, values)
-        else:
-            _check_option_name(command, key, overrides)
-            values, i = _option_values(command, argv, i, inline if has_value else None)
-            overrides[key] = values
-    missing = [f.name for f in command.flags if f.required and not flags[f.key]]
-    if missing:
-        raise UserError(f"command line: --{missing[0]} is required")
-    _check_seeds(command, flags, overrides)
-    return Parsed(flags, overrides, positionals)
+        _check_option_name(parser, key, overrides)
+        values = [inline] if has_value else []
+        while not has_value and i < len(extras) and not extras[i].startswith("--") and \
+                not (parser.positionals and values):
+            values.append(extras[i])
+            i += 1
+        overrides[key] = "true" if not values else values[0] if len(values) == 1 else values
+    return positionals
 
 
-def _check_seeds(command: Command, flags: Dict[str, Any], overrides: Dict[str, Any]) -> None:
-    """`--seed N` (a config option, still text here) and a command's `--seeds N ...` within SEED_MAX; a seed that
-    is no integer is left to the config's own message."""
-    seed = overrides.get("seed")
-    if isinstance(seed, str):
-        try:
-            check_seed_range("--seed", integer(seed.strip()))
-        except ValueError:
-            pass
-    if command.flag("seeds") is not None:
-        for value in flags.get("seeds") or []:
-            if isinstance(value, int):
-                check_seed_range("--seeds", value)
-
-
-def _flag_values(flag: Flag, argv: List[str], i: int, inline: Optional[str]):
-    """The converted value(s) of `flag` at argv[i:] (or its inline `=value`), and the index after them."""
-    if flag.nargs == 0:
-        if inline is not None:
-            raise UserError(f"command line: --{flag.name} takes no value; got {short_repr(inline)}")
-        return True, i
-    if inline is not None:
-        tokens = [inline]
-    elif flag.nargs == 1:
-        tokens = argv[i:i + 1] if i < len(argv) and not argv[i].startswith("--") else []
-    else:
-        tokens = []
-        while i + len(tokens) < len(argv):
-            t = argv[i + len(tokens)]
-            if t.startswith("--") or (flag.ends is not None and tokens and flag.ends(t)):
-                break
-            tokens.append(t)
-    if not tokens:
-        needs = flag.needs or ("a value" if flag.nargs == 1 else "at least one value") + (
-            f" ({flag.help})" if flag.help else "")
-        raise UserError(f"command line: --{flag.name} needs {needs}")
-    values = [_convert(flag, t) for t in tokens]
-    return (values[0] if flag.nargs == 1 else values), i + (0 if inline is not None else len(tokens))
-
-
-def _convert(flag: Flag, token: str) -> Any:
-    try:
-        value = flag.type(token)
-    except (TypeError, ValueError):
-        expected = flag.expects or _TYPE_NAMES.get(flag.type, "a valid value")
-        raise UserError(f"command line: --{flag.name} takes {expected}; got {short_repr(token)}") from None
-    if flag.choices is not None and value not in flag.choices:
-        raise UserError(f"command line: --{flag.name} must be one of {', '.join(map(str, flag.choices))}; got "
-                        f"{short_repr(token)}")
-    return value
-
-
-def _store(flags: Dict[str, Any], given: Dict[str, str], flag: Flag, values: Any) -> None:
-    if flag.repeat:
-        flags[flag.key].extend(values if isinstance(values, list) else [values])
-        return
-    if flag.key in given:
-        twice = f"--{flag.name}" if given[flag.key] == flag.name else f"--{given[flag.key]} and --{flag.name}"
-        raise UserError(f"command line: {twice} given twice; give it once")
-    given[flag.key] = flag.name
-    flags[flag.key] = values
-
-
-def _check_option_name(command: Command, key: str, overrides: Dict[str, Any]) -> None:
-    """A config option may be given once; a name that is no option but close to one of the command's flags is
-    named with that flag (other unknown names get their suggestion when the config is built)."""
-    names = [f.name for f in command.flags]
-    if not command.overrides:
-        raise UserError(f"command line: unknown option '--{key}'{did_you_mean(key, names, '--')}")
+def _check_option_name(parser: Parser, key: str, overrides: Dict[str, Any]) -> None:
+    """An option argparse did not know may be a plug-in's, given once; a name close to one of the command's flags
+    is named with that flag (other unknown names get their suggestion when the config is built)."""
+    flags = [name[2:] for name in parser.named if name.startswith("--") and name != _END]
+    if not parser.options:
+        raise UserError(f"command line: unknown option '--{key}'{did_you_mean(key, flags, '--')}")
     if key in overrides:
         raise UserError(f"command line: option '--{key}' is given twice; give it once")
     from utils.config import option_names
-    if key and key not in option_names():
-        close = closest(key, names + option_names())
-        if close in names:
-            raise UserError(f"command line: unknown option '--{key}'; did you mean '--{close}'?")
+    close = closest(key, flags + option_names()) if key else None
+    if close in flags:
+        raise UserError(f"command line: unknown option '--{key}'; did you mean '--{close}'?")
 
-
-def _option_values(command: Command, argv: List[str], i: int, inline: Optional[str]):
-    """A config option's value: the inline one, else the following tokens up to the next option (at most one
-    when the command takes positional arguments); none means `true`."""
-    if inline is not None:
-        return inline, i
-    values = []
-    while i < len(argv) and not argv[i].startswith("--") and not (command.positionals and values):
-        values.append(argv[i])
-        i += 1
-    return ("true" if not values else values[0] if len(values) == 1 else values), i
-
-
-def print_help(command: Command, argv: Sequence[str]) -> None:
-    """The command's usage, its flags, and (when it takes config options) every option, a plug-in's included when
-    --config_file or --custom_imports names it."""
-    usage = f"usage: {command.prog} [options]" + (f" [{command.positionals} ...]" if command.positionals else "")
-    lines = [usage, "", command.description.strip(), "", "flags:"]
-    for flag in command.flags:
-        shape = "" if flag.nargs == 0 else f" {flag.metavar or flag.name.upper()}" + (" ..." if flag.nargs == "+"
-                                                                                          else "")
-        extra = f" (one of {', '.join(flag.choices)})" if flag.choices else ""
-        extra += f" (default {flag.default})" if flag.default not in (None, False, "") else ""
-        lines.append(f"  --{flag.name}{shape}")
-        lines.extend(textwrap.wrap(flag.help + extra, 110, initial_indent="      ", subsequent_indent="      "))
-    if command.epilog:
-        lines += ["", command.epilog.strip()]
-    print("\n".join(lines))
-    if command.overrides:
-        print()
-        print(_options_help(argv))
-
-
-def _options_help(argv: Sequence[str]) -> str:
-    from utils.config import build_config, describe_options
-
-    def after(flag: str) -> List[str]:
-        if flag not in argv:
-            return []
-        start = list(argv).index(flag) + 1
-        return [t for t in argv[start:start + 50] if not t.startswith("--")][:50]
-
-    cfg, note = None, ""
-    try:
-        config_file = (after("--config_file") or [None])[0]
-        imports = after("--custom_imports")
-        cfg = build_config(config_file if config_file and os.path.isfile(config_file) else None,
-                           {"custom_imports": imports} if imports else None, check=False)
-    except UserError as e:
-        note = f"(plug-in options not listed: {e})\n\n"
-    return note + describe_options(cfg)
 
 
 def run_main(main: Callable[[List[str]], int], argv: Optional[List[str]] = None) -> None:

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import typing
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -183,12 +183,6 @@ def _rule_img_size(get, source):
         raise UserError(f"{source}: option 'img_size' expects [height, width]; got {short_repr(size)}")
 
 
-def _rule_topk(get, source):
-    if not 1 <= get("topk") <= get("num_experts"):
-        raise UserError(f"{source}: option 'topk' must be between 1 and num_experts ({get('num_experts')}); "
-                        f"got {get('topk')}")
-
-
 def _rule_betas(get, source):
     for key in ("alpha", "beta"):
         if get(key) >= 1:
@@ -213,25 +207,26 @@ def _rule_milestones(get, source):
         raise UserError(f"{source}: option 'milestones' must be in increasing order; got {milestones}")
 
 
-def _rule_mlm_rates(get, source):
-    if get("masked_token_rate") + get("masked_token_unchanged_rate") > 1 + 1e-9:
-        raise UserError(f"{source}: masked_token_rate ({get('masked_token_rate')}) and masked_token_unchanged_rate "
-                        f"({get('masked_token_unchanged_rate')}) must sum to at most 1")
-
-
 def _rule_noisy_rate(get, source):
     if get("noisy_rate") >= 1:
         raise UserError(f"{source}: option 'noisy_rate' is the share of training pairs made noisy: below 1; got "
                         f"{get('noisy_rate')}")
 
 
-# Checks that involve several options: each applies to a set of values that holds all of its keys.
+# Checks that involve several options: each applies to a set of values that holds all of its keys. A method adds
+# those of its own options with register_rule.
 RULES = [
-    (("loss_names",), _rule_loss_names), (("img_size",), _rule_img_size), (("topk", "num_experts"), _rule_topk),
+    (("loss_names",), _rule_loss_names), (("img_size",), _rule_img_size),
     (("alpha", "beta"), _rule_betas), (("sampler", "batch_size", "num_instance"), _rule_identity_batch),
     (("lrscheduler", "warmup_epochs", "num_epoch"), _rule_warmup), (("milestones",), _rule_milestones),
-    (("masked_token_rate", "masked_token_unchanged_rate"), _rule_mlm_rates), (("noisy_rate",), _rule_noisy_rate),
+    (("noisy_rate",), _rule_noisy_rate),
 ]
+
+
+def register_rule(keys: Sequence[str], rule: Callable[[Callable[[str], Any], str], None]) -> None:
+    """A check of several options: `rule(get, source)` raises a UserError naming `source` when the values that
+    `get(name)` gives (all of `keys`) do not go together."""
+    RULES.append((tuple(keys), rule))
 
 
 def check_options(values: Dict[str, Any], source: str = "config",
@@ -334,28 +329,3 @@ def save_config(cfg: Config, path: str, leave_out: Sequence[str] = ()) -> None:
     options of `leave_out` (those of components the run does not use)."""
     write_atomic(path, yaml.safe_dump(cfg.to_dict(leave_out), sort_keys=True, default_flow_style=None),
                  what="config", make_folder=True)
-
-
-def _type_name(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (list, List):
-        return f"list of {_type_name(args[0])}"
-    if typing.get_origin(hint) is typing.Union:
-        return f"{_type_name(args[0])} or empty"
-    return getattr(hint, "__name__", str(hint))
-
-
-def describe_options(cfg: Optional[Config] = None, width: int = 118) -> str:
-    """Every option (this project's, then the plug-ins' of `cfg`) with its type, default and help, for --help."""
-    import textwrap
-    names = [*CORE, *(cfg.plugin_options if cfg is not None else [])]
-    lines = ["options (any of them as --key value, or in the --config_file YAML):"]
-    for name in names:
-        opt = option(name)
-        kind = _type_name(opt.type)
-        head = f"  --{name} ({kind}, default {opt.default!r}" + (f", from {opt.owner}" if opt.owner != "core" else "") \
-            + ")"
-        text = opt.help + (f" One of: {', '.join(map(str, opt.choices))}." if opt.choices else "")
-        lines.append(head)
-        lines.extend(textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      "))
-    return "\n".join(lines)

@@ -22,6 +22,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from utils.errors import UserError, short_repr
 from utils.schema import Option, register_options
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder (and package) of the built-in methods, one package each.
+METHODS = "methods"
 # The plug-in being imported: the registries record it as the owner of what it declares.
 _importing: List[str] = []
 # entry (absolute file path or module name) -> the plug-in options it declared
@@ -48,7 +51,7 @@ def declare(registry: Dict[str, Any], kind: str, name: str, module: str, options
     return owner
 
 
-PROJECT_PACKAGES = ("model", "datasets", "processor", "evaluation", "solver", "utils")
+PROJECT_PACKAGES = ("model", "datasets", "processor", "evaluation", "solver", "utils", METHODS)
 
 
 def is_project_module(module: str) -> bool:
@@ -56,10 +59,25 @@ def is_project_module(module: str) -> bool:
     return module.split(".")[0] in PROJECT_PACKAGES
 
 
+def built_in_methods() -> List[str]:
+    """The packages of methods/ (a folder with an __init__.py each), by name."""
+    folder = os.path.join(ROOT, METHODS)
+    return sorted(name for name in os.listdir(folder)
+                  if os.path.isfile(os.path.join(folder, name, "__init__.py"))) if os.path.isdir(folder) else []
+
+
+def load_methods() -> None:
+    """Import every built-in method (once per process), in the order of their names: each registers its heads,
+    losses, layouts and options as a plug-in does, with no privilege; nothing of the shared layers names them."""
+    for name in built_in_methods():
+        importlib.import_module(f"{METHODS}.{name}")
+
+
 def import_plugins(entries: Sequence[str], config_file: Optional[str] = None,
                    source: str = "config") -> Tuple[List[str], List[str]]:
-    """Import every entry of custom_imports (once per process); returns (the entries resolved: files by absolute
-    path, modules by name; the plug-in options they declared)."""
+    """Import the built-in methods, then every entry of custom_imports (once per process); returns (the entries
+    resolved: files and folders by absolute path, modules by name; the plug-in options they declared)."""
+    load_methods()
     resolved: List[str] = []
     options: List[str] = []
     for entry in entries:
@@ -70,7 +88,10 @@ def import_plugins(entries: Sequence[str], config_file: Optional[str] = None,
 
 
 def is_file_entry(entry: str) -> bool:
-    return entry.endswith(".py") or os.sep in entry or "/" in entry
+    """A file or a folder (a package), as opposed to a module name: a folder of the current one with an __init__.py
+    (`my_rde`, a copy of a method) is the folder, whatever module of that name the import path holds."""
+    return entry.endswith(".py") or os.sep in entry or "/" in entry or os.path.isfile(os.path.join(entry,
+                                                                                                  "__init__.py"))
 
 
 def module_name(path: str) -> str:
@@ -88,7 +109,10 @@ def _import(entry: str, config_file: Optional[str], source: str) -> str:
         name = module_name(path)
         if name in sys.modules:
             return path
-        spec = importlib.util.spec_from_file_location(name, path)
+        # A folder is a package (a method's, such as a copy of methods/rde): its modules import each other relatively.
+        spec = (importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
+                                                       submodule_search_locations=[path])
+                if os.path.isdir(path) else importlib.util.spec_from_file_location(name, path))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         _run(lambda: spec.loader.exec_module(module), entry, path, source, undo=lambda: sys.modules.pop(name, None))
@@ -104,9 +128,10 @@ def _find_file(entry: str, config_file: Optional[str], source: str) -> str:
     if config_file and not os.path.isabs(entry):
         tried.append(os.path.abspath(os.path.join(os.path.dirname(config_file), entry)))
     for path in tried:
-        if os.path.isfile(path):
+        if os.path.isfile(path) or os.path.isfile(os.path.join(path, "__init__.py")):
             return os.path.realpath(path)
-    raise UserError(f"{source}: custom_imports {entry}: no such file (looked for {' and '.join(tried)})")
+    what = "no such file" if entry.endswith(".py") else "no such file, nor a folder with an __init__.py"
+    raise UserError(f"{source}: custom_imports {entry}: {what} (looked for {' and '.join(tried)})")
 
 
 def _run(load, entry: str, where: str, source: str, undo=lambda: None) -> None:
@@ -125,7 +150,8 @@ def _run(load, entry: str, where: str, source: str, undo=lambda: None) -> None:
                         f"plug-in must only define and register things") from None
     except Exception as e:  # noqa: BLE001 - the user's code: say where it failed, in one line
         undo()
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.realpath(f.filename) == key]
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if os.path.realpath(f.filename) == key or os.path.realpath(f.filename).startswith(key + os.sep)]
         line = f", line {frames[-1].lineno}" if frames else ""
         message = (str(e).splitlines() or [""])[0][:300]
         raise UserError(f"{source}: custom_imports {entry}: importing it failed{line}: {type(e).__name__}: "
@@ -135,9 +161,10 @@ def _run(load, entry: str, where: str, source: str, undo=lambda: None) -> None:
 
 
 def plugin_file(entry: str) -> Optional[str]:
-    """The file of an imported custom_imports entry (a file entry is its own path; a module: its __file__)."""
+    """The file (or folder) of an imported custom_imports entry (a file or folder entry is its own path; a module:
+    its __file__)."""
     if is_file_entry(entry):
-        return entry if os.path.isfile(entry) else None
+        return entry if os.path.isfile(entry) or os.path.isdir(entry) else None
     module = sys.modules.get(entry)
     path = getattr(module, "__file__", None)
     return os.path.realpath(path) if path and os.path.isfile(path) else None
@@ -149,9 +176,23 @@ def plugin_hashes(entries: Sequence[str]) -> Dict[str, str]:
     for entry in entries:
         path = plugin_file(entry)
         if path is not None:
-            with open(path, "rb") as f:
-                hashes[path] = hashlib.file_digest(f, "sha256").hexdigest()
+            hashes[path] = _sha256(path)
     return hashes
+
+
+def _sha256(path: str) -> str:
+    """sha256 of a file; of a folder, of each .py file's path within it and bytes, in sorted order."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    files = sorted(os.path.relpath(os.path.join(folder, name), path) for folder, _, names in os.walk(path)
+                   for name in names if name.endswith(".py"))
+    for rel in files:
+        digest.update(rel.encode("utf-8", "surrogateescape") + b"\0")
+        with open(os.path.join(path, rel), "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
 
 
 def changed_plugins(recorded: Dict[str, str], entries: Sequence[str]) -> List[str]:

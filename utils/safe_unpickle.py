@@ -3,12 +3,12 @@ nothing else, so a file can neither run code nor change anything outside the obj
 
 It is the pure-Python `pickle._Unpickler` with its opcode table cut down, as torch's weights-only unpickler is:
 - a global resolves only through `ALLOWED` (torch's tensor layout, `OrderedDict`, `torch.Size`, `torch.device`,
-  and the few harmless types of published checkpoints), always to a function of this module or a constructor
-  that builds a value; never to an object a file could then modify;
-- REDUCE calls only those; NEWOBJ makes only the stand-in types (`AttrDict` for `easydict.EasyDict`, a
-  `ScriptObject` per TorchScript class); BUILD sets state only on them (and `_metadata` on an `OrderedDict`, as
-  torch's state dicts carry); INST, OBJ, NEWOBJ_EX, EXT*, out-of-band buffers and text persistent ids are
-  refused;
+  and what a published layout adds with `allow`), always to a checked function or a constructor that builds a
+  value; never to an object a file could then modify;
+- REDUCE calls only those; NEWOBJ makes only stand-ins (a `StandIn` class allowed by name, a `ScriptObject` per
+  TorchScript class); BUILD sets state only on them (their `build`), on the types a layout registers a checked
+  state for (`register_build`) and `_metadata` on an `OrderedDict`, as torch's state dicts carry; INST, OBJ,
+  NEWOBJ_EX, EXT*, out-of-band buffers and text persistent ids are refused;
 - APPEND / SETITEM / ADDITEMS fill only a list, a dict or a set;
 - the memo is a dict bounded by the size of the pickle (a genuine pickler numbers its memo entries from 0, one
   opcode each), so a six-byte `LONG_BINPUT 2**30` costs nothing;
@@ -16,13 +16,11 @@ It is the pure-Python `pickle._Unpickler` with its opcode table cut down, as tor
   it and no larger than it (no zero-stride view of a terabyte), without metadata bits (neg, conj) or hooks.
 Every refusal is a `Refused` (an UnpicklingError) that names what was refused.
 
-TBPS-CLIP's `checkpoint_best.pth` (SPEC 13) is why the allow-list goes beyond torch's weights-only one: its config
-is an `easydict.EasyDict` (read as a plain dict) and its optimizer's lr values are numpy.float64 scalars (read as
-Python floats, for numeric dtypes only, through `numpy.dtype` and `_codecs.encode` with latin-1).
+A method whose published checkpoints hold a few harmless types beyond torch's weights-only list allows them here
+beside its layout (methods/tbps/checkpoint.py: an EasyDict config and numpy scalars).
 """
 from __future__ import annotations
 
-import codecs
 import collections
 import math
 import pickle
@@ -30,7 +28,6 @@ import pickletools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import numpy as np
 import torch
 
 
@@ -38,8 +35,12 @@ class Refused(pickle.UnpicklingError):
     """The pickle asks for something the restricted unpickler does not do; the message names it."""
 
 
-class AttrDict(dict):
-    """Stands in for easydict.EasyDict (its attributes mirror its items; they are dropped)."""
+class StandIn:
+    """A type NEWOBJ may make in place of a pickled class, allowed by name (`allow`); BUILD gives it its state."""
+
+    def build(self, state: Any) -> Any:
+        """Take the pickled state; returns the object that stands on the stack from then on."""
+        raise Refused(f"refused: setting the state of {type(self).__name__!r:.60}")
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Stored:
     numel: int
 
 
-class ScriptObject:
+class ScriptObject(StandIn):
     """Stands in for an object of a TorchScript class (`__torch__.*`): its pickled state, never its code."""
 
     qualified_name = ""
@@ -58,29 +59,11 @@ class ScriptObject:
     def __init__(self) -> None:
         self.state: Any = None
 
-
-def _dtype(*args) -> np.dtype:
-    if not args or not isinstance(args[0], str) or not all(isinstance(a, (bool, int)) for a in args[1:]):
-        raise Refused(f"refused: numpy.dtype{args!r:.60} (only a dtype named by a string is read)")
-    dtype = np.dtype(args[0])
-    if dtype.kind not in "biufc" or dtype.subdtype is not None:
-        raise Refused(f"refused: the numpy dtype {args[0]!r} (only numeric dtypes are read)")
-    return dtype
-
-
-def _scalar(dtype: Any, data: Any = None):
-    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or not isinstance(data, (bytes, str)):
-        raise Refused(f"refused: a numpy scalar of {dtype!r:.40} (only numbers are read)")
-    raw = data.encode("latin1") if isinstance(data, str) else data
-    if len(raw) != dtype.itemsize:
-        raise Refused(f"refused: a numpy {dtype} scalar of {len(raw)} bytes")
-    return np.frombuffer(raw, dtype=dtype, count=1)[0].item()
-
-
-def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise Refused(f"refused: _codecs.encode with the codec {encoding!r:.40} (only latin-1 is read)")
-    return codecs.encode(text, encoding)
+    def build(self, state: Any) -> Any:
+        if self.state is not None:
+            raise Refused(f"refused: setting the state of {self.qualified_name!r:.60} twice")
+        self.state = state
+        return self
 
 
 def _ints(value: Any, what: str) -> Tuple[int, ...]:
@@ -149,18 +132,27 @@ ALLOWED: Dict[Tuple[str, str], Callable] = {
     ("collections", "OrderedDict"): _ordered_dict,
     ("torch", "Size"): _size,
     ("torch", "device"): _device,
-    ("easydict", "EasyDict"): AttrDict,
-    ("numpy", "dtype"): _dtype,
-    ("numpy.core.multiarray", "scalar"): _scalar,
-    ("numpy._core.multiarray", "scalar"): _scalar,
-    ("_codecs", "encode"): _encode,
 }
 SCRIPT_HELPERS = {("torch.jit._pickle", name): _same for name in (
     "build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "build_list", "restore_type_tag")}
 # The globals beyond the weights-only loader's that this module reads (what makes a refused file worth a retry).
-EXTRA = {f"{m}.{n}" for m, n in ALLOWED if m in ("easydict", "numpy", "numpy.core.multiarray",
-                                                  "numpy._core.multiarray", "_codecs")}
+EXTRA: set = set()
 _CALLABLE = set(ALLOWED.values()) | {_same}
+# type -> checked BUILD of its state: (the object, the state) -> the object that stands from then on
+BUILDS: Dict[type, Callable[[Any, Any], Any]] = {}
+
+
+def allow(module: str, name: str, fn: Callable) -> None:
+    """Let the global `module.name` resolve to `fn`: a function that checks its arguments and builds a plain
+    value, or a StandIn class. For a published layout's harmless types; never torch's own functions."""
+    ALLOWED[(module, name)] = fn
+    EXTRA.add(f"{module}.{name}")
+    _CALLABLE.add(fn)
+
+
+def register_build(kind: type, fn: Callable[[Any, Any], Any]) -> None:
+    """Let BUILD give an object of `kind` (made by an allowed function) its state, through `fn`'s checks."""
+    BUILDS[kind] = fn
 
 
 class StorageType:
@@ -221,27 +213,25 @@ class Unpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def load_newobj(self) -> None:
         args = self.stack.pop()
         cls = self.stack.pop()
-        if not (cls is AttrDict or (isinstance(cls, type) and issubclass(cls, ScriptObject))) or args != ():
+        standing = isinstance(cls, type) and issubclass(cls, StandIn) and (cls in _CALLABLE or
+                                                                            issubclass(cls, ScriptObject))
+        if not standing or args != ():
             raise Refused(f"refused: making an object of {getattr(cls, '__name__', type(cls).__name__)!r:.60}")
         self.append(cls())
 
     def load_build(self) -> None:
         state = self.stack.pop()
         inst = self.stack[-1]
-        if type(inst) is AttrDict:
-            return  # EasyDict's attributes repeat its items
-        if isinstance(inst, ScriptObject) and inst.state is None:
-            inst.state = state
+        if isinstance(inst, StandIn):
+            self.stack[-1] = inst.build(state)
             return
         if type(inst) is collections.OrderedDict and isinstance(state, dict) and set(state) <= {"_metadata"}:
             inst.__dict__.update(state)  # a state dict's per-module versions, as torch writes them
             return
-        if isinstance(inst, np.dtype) and isinstance(state, tuple) and len(state) == 8 and \
-                state[1] in ("<", ">", "|", "=") and state[2:] == (None, None, None, -1, -1, 0):
-            # numpy's own dtype state: only its byte order is taken (not sizes or flags, which could mis-size it)
-            self.stack[-1] = inst.newbyteorder(state[1])
-            return
-        raise Refused(f"refused: setting the state of {type(inst).__name__!r:.60}")
+        build = next((fn for kind, fn in BUILDS.items() if isinstance(inst, kind)), None)
+        if build is None:
+            raise Refused(f"refused: setting the state of {type(inst).__name__!r:.60}")
+        self.stack[-1] = build(inst, state)
 
     def _target(self, kinds: Tuple[type, ...], what: str) -> Any:
         target = self.stack[-1]

@@ -1,10 +1,10 @@
 """The run configuration's schema: every option with its type, default, allowed values, bounds and help text.
 
 A run is described by a flat mapping from option name to value. The names are those of the command line and of
-the reference codebases (IRRA, PHP), so their `configs.yaml` files and commands carry over. The options of this
-project are the fields of `Config` below; a plug-in (docs/extending.md) adds its own with `register_options`,
-and they behave the same: typed, validated, listed by `--help`, written to configs.yaml. Reading and resolving
-a configuration is utils/config.py.
+the reference codebases, so their `configs.yaml` files and commands carry over. The options every run has are the
+fields of `Config` below; a method (methods/<name>/) or a plug-in (docs/extending.md) declares its own where it
+registers its heads and losses, and they behave the same: typed, validated, listed by `--help`, written to
+configs.yaml. Reading and resolving a configuration is utils/config.py.
 """
 from __future__ import annotations
 
@@ -17,10 +17,6 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from utils.errors import short_repr
 
-PHP_MODULES = ("none", "crfm", "efp", "crfm+efp")
-# How a trained run is loaded (model.load_model's `compat`, --compat of the evaluating tools): an argument of
-# loading, not an option of the config, since the same weights are evaluated either way.
-COMPAT_MODES = ("auto", "none", "php_v1")
 
 
 @dataclass(frozen=True)
@@ -56,7 +52,7 @@ def _opt(default, help: str, choices: Iterable | None = None, minimum: float | N
 @dataclass
 class Config:
     # --- the run -----------------------------------------------------------------------------------------
-    name: str = _opt("php", "Run name; the run lives in <output_dir>/<dataset_name>/<name>/.")
+    name: str = _opt("run", "Run name; the run lives in <output_dir>/<dataset_name>/<name>/.")
     custom_imports: List[str] = _opt([], "Python files (or module names) of plug-ins, imported before anything is "
                                          "built: heads, losses, data sets and their options (docs/extending.md).")
     output_dir: str = _opt("logs", "Folder that holds all runs.")
@@ -113,19 +109,17 @@ class Config:
 
     # --- data --------------------------------------------------------------------------------------------
     img_size: List[int] = _opt([384, 128], "Image height and width.")
-    img_aug: bool = _opt(True, "Training augmentation of the image recipe; off: flip only (clip) or none (tbps).")
-    image_recipe: str = _opt("clip", "Image transforms (datasets/transforms.py): 'clip' (CLIP normalisation; "
-                                     "training: flip, pad-and-crop, erasing) or 'tbps' (TBPS-CLIP's: ImageNet "
-                                     "normalisation, two augmentations drawn from a pool of six, bicubic test "
-                                     "resize).", ("clip", "tbps"))
+    img_aug: bool = _opt(True, "Training augmentation of the image recipe; off: what the recipe keeps (clip: the "
+                                "flip).")
+    image_recipe: str = _opt("clip", "Image transforms, by registered name (datasets/transforms.py): 'clip' (CLIP "
+                                     "normalisation; training: flip, pad-and-crop, erasing), or a method's.")
     cache_images: bool = _opt(False, "Decode and resize every training image once, before training, and keep "
                                      "it in memory (H*W*3 bytes each: 147 KB at 384x128, ~5 GB for "
                                      "CUHK-PEDES); augmentation still runs per item. For when decoding limits "
                                      "the step, as on a 2-core CPU.")
     text_length: int = _opt(77, "Token context length.", positive=True)
-    caption_augment: str = _opt("none", "Augmentation of the training captions' tokens, by registered name: none, "
-                                        "rde (RDE's txt_aug: mask, replace or delete 20% of the words), or a "
-                                        "plug-in's (datasets/augment.py).")
+    caption_augment: str = _opt("none", "Augmentation of the training captions, by registered name: none, or a "
+                                        "method's or plug-in's (datasets/augment.py).")
     noisy_rate: float = _opt(0.0, "Noisy correspondence (SPEC 12): give this share of the training pairs each "
                                   "other's captions (a seeded permutation among them); 0 keeps the data as it is.",
                              minimum=0)
@@ -136,8 +130,6 @@ class Config:
     num_instance: int = _opt(4, "Images per identity in a batch of the identity sampler (K of P x K).", positive=True)
     batch_size: int = _opt(64, "Training batch size; with several processes see batch_size_scope.", positive=True)
     test_batch_size: int = _opt(512, "Batch size when embedding the evaluation split.", positive=True)
-    masked_token_rate: float = _opt(0.8, "Share of chosen MLM tokens replaced by <|mask|>.", minimum=0)
-    masked_token_unchanged_rate: float = _opt(0.1, "Share of chosen MLM tokens left unchanged.", minimum=0)
 
     # --- model -------------------------------------------------------------------------------------------
     pretrain_choice: str = _opt("ViT-B/16", "Backbone weights: a file path (CLIP weights, or a run's best.pth "
@@ -152,33 +144,14 @@ class Config:
                                          "(TBPS-CLIP: 0.05).", minimum=0)
     freeze_patch_embed: bool = _opt(False, "Keep the image tower's patch embedding (conv1) frozen, as TBPS-CLIP "
                                            "does.")
-    loss_names: str = _opt("sdm+itc+aux", "Losses joined by '+', by registered name: itc, sdm, cmpm, id, mlm, "
-                                          "aux, or a plug-in's.")
+    loss_names: str = _opt("sdm", "Losses joined by '+', by registered name: itc, sdm, cmpm, or a method's or "
+                                  "plug-in's.")
     sdm_loss_weight: float = _opt(1.0, "Weight of the SDM loss.", minimum=0)
-    itc_loss_weight: Optional[float] = _opt(None, "Weight of the ITC loss; empty: 5 with a PHP head (the PHP "
-                                                  "reference), 1 without.", minimum=0)
+    itc_loss_weight: Optional[float] = _opt(None, "Weight of the ITC loss; empty: the default of an active head "
+                                                  "(the PHP head's 5), else 1.", minimum=0)
     cmpm_loss_weight: float = _opt(1.0, "Weight of the CMPM loss.", minimum=0)
-    id_loss_weight: float = _opt(1.0, "Weight of the ID loss.", minimum=0)
-    mlm_loss_weight: Optional[float] = _opt(None, "Weight of the MLM loss; empty: 0.5 with a PHP head (the PHP "
-                                                  "reference), 1 without.", minimum=0)
-    aux_factor: float = _opt(3.0, "Weight of the MoE load-balancing loss.", minimum=0)
-    cmt_depth: int = _opt(4, "Layers of the IRRA cross-modal transformer (MLM head).", minimum=0)
-    php_modules: str = _opt("crfm+efp", "PHP head modules.", PHP_MODULES)
-    cnum: int = _opt(9, "Part tokens of the CRFM (K).", positive=True)
-    num_experts: int = _opt(4, "Experts per EFP block.", positive=True)
-    topk: int = _opt(2, "Experts each token is routed to.", positive=True)
-    reduction: int = _opt(8, "Bottleneck reduction of each expert (D -> D / reduction).", positive=True)
-    moe_layers: int = _opt(4, "EFP blocks.", positive=True)
-    moe_heads: int = _opt(8, "Attention heads of each EFP block.", positive=True)
-    efp_attention: str = _opt("tokens", "EFP self-attention: 'tokens' among a sample's part tokens (batch "
-                                        "independent), or 'batch' across the batch as in the PHP reference "
-                                        "release (embeddings depend on batch mates; for study only).",
-                              ("tokens", "batch"))
-    crfm_mask_padding: bool = _opt(True, "Exclude text padding from the CRFM softmax (the reference did not).")
-    gate_context: str = _opt("shared", "EFP gate context vector shared by both modalities (reference) or one "
-                                       "per modality.", ("shared", "per_modality"))
-    heads: List[str] = _opt([], "Plug-in heads to add, by registered name (the built-in heads follow php_modules "
-                                "and loss_names).")
+    heads: List[str] = _opt([], "Plug-in heads to add, by registered name (the methods' heads follow their own "
+                                "options and loss_names).")
     callbacks: List[str] = _opt([], "Plug-in per-epoch callbacks to run, by registered name (processor/callbacks.py; "
                                     "the built-in ones follow loss_names).")
 
@@ -188,7 +161,6 @@ class Config:
     bias_lr_factor: float = _opt(2.0, "Learning-rate factor of biases.", minimum=0)
     lr_factor: float = _opt(5.0, "Learning-rate factor of randomly initialised modules (cross-modal MLM "
                                  "modules, ID classifier, MLM head).", minimum=0)
-    php_lr_factor: float = _opt(1.0, "Learning-rate factor of the PHP head (the reference trains it at 1).", minimum=0)
     momentum: float = _opt(0.9, "SGD momentum.", minimum=0)
     weight_decay: float = _opt(4e-5, "Weight decay.", minimum=0)
     weight_decay_bias: float = _opt(0.0, "Weight decay of biases.", minimum=0)
@@ -317,18 +289,37 @@ def value_fits(hint: Any, value: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
+def type_name(hint: Any) -> str:
+    """An option type as the help says it: 'float', 'list of int', 'float or empty'."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (list, List):
+        return f"list of {type_name(args[0])}"
+    if typing.get_origin(hint) is typing.Union:
+        return f"{type_name(args[0])} or empty"
+    return getattr(hint, "__name__", str(hint))
+
+
 def option(name: str) -> Optional[Option]:
     """The option called `name` (this project's or a plug-in's), None if there is none."""
     return CORE.get(name) or PLUGIN_OPTIONS.get(name)
 
 
+def _same_option(a: Option, b: Option) -> bool:
+    """Whether two declarations mean the same option (its help text aside)."""
+    fields = ("type", "default", "minimum", "maximum", "positive", "aliases", "path")
+    return all(getattr(a, f) == getattr(b, f) for f in fields) and tuple(a.choices or ()) == tuple(b.choices or ())
+
+
 def register_options(options: Sequence[Option], owner: str, builtin: bool = False) -> List[str]:
     """Add a plug-in's options (or, `builtin`, a built-in component's) to the schema; returns their names. A name
-    taken by this project or by another plug-in is a ValueError (a programming error in the plug-in, reported
-    when it is imported)."""
+    taken by this project, or by another plug-in with another meaning, is a ValueError (a programming error in the
+    plug-in, reported when it is imported); the same declaration again shares the option."""
     names = []
     for opt in options:
         taken = CORE.get(opt.name) or PLUGIN_OPTIONS.get(opt.name)
+        if taken is not None and opt.name not in CORE and taken.owner != owner and _same_option(taken, opt):
+            names.append(opt.name)  # declared again as it is (a copy of a method): one option, the first owner's
+            continue
         if opt.name in CORE or (taken is not None and taken.owner != owner):
             raise ValueError(f"option {opt.name!r} of {owner} is already declared by "
                              f"{'this project' if opt.name in CORE else taken.owner}")
@@ -347,7 +338,7 @@ def register_options(options: Sequence[Option], owner: str, builtin: bool = Fals
 
 # Options that may differ when a run is resumed: they change neither the model, the data nor the optimisation
 # (how long it runs, how often it logs or evaluates, where and how fast it computes). Everything else must equal
-# the run's configs.yaml; `name` and `output_dir` choose the run folder itself. Documented in the README.
+# the run's configs.yaml; `name` and `output_dir` choose the run folder itself. Documented in docs/reliability.md.
 RESUME_MUTABLE = ("num_epoch", "eval_period", "log_period", "num_workers", "device", "tensorboard",
                   "test_batch_size", "skip_nonfinite_steps", "torch_compile", "grad_checkpointing", "cache_images",
                   "root_dir", "pretrained_dir", "resume", "resume_ckpt_file", "overwrite",

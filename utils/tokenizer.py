@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gzip
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import regex
 import torch
@@ -153,29 +153,3 @@ def decode(ids: Union[torch.Tensor, Sequence[int]]) -> str:
         if end_of_word:
             out += b" "
     return " ".join(out.decode("utf-8", errors="replace").split())
-
-
-def mask_tokens(ids: torch.Tensor, generator: Optional[torch.Generator] = None, mask_rate: float = 0.15,
-                replace_mask: float = 0.8, replace_random: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
-    """MLM inputs and labels for one token sequence (SPEC 3).
-
-    Ordinary tokens (0 < id < MASK_ID; SOT/EOT/padding never) are chosen with probability `mask_rate`; a chosen
-    token becomes MASK (`replace_mask`), a random id in [1, MASK_ID) (`replace_random`) or stays. Labels hold the
-    original id at chosen positions and 0 elsewhere. If nothing was chosen, position 1 is masked.
-    """
-    ids = ids.long()
-    n = ids.shape[0]
-    chosen_draw = torch.rand(n, generator=generator)
-    kind_draw = torch.rand(n, generator=generator)
-    random_ids = torch.randint(1, MASK_ID, (n,), generator=generator)
-    candidate = (ids > 0) & (ids < MASK_ID)
-    chosen = candidate & (chosen_draw < mask_rate)
-    to_mask = chosen & (kind_draw < replace_mask)
-    to_random = chosen & (kind_draw >= replace_mask) & (kind_draw < replace_mask + replace_random)
-    mlm_ids = torch.where(to_mask, torch.full_like(ids, MASK_ID), ids)
-    mlm_ids = torch.where(to_random, random_ids, mlm_ids)
-    labels = torch.where(chosen, ids, torch.zeros_like(ids))
-    if not bool(chosen.any()) and n > 1:
-        labels[1] = ids[1]
-        mlm_ids[1] = MASK_ID
-    return mlm_ids, labels

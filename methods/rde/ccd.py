@@ -22,10 +22,12 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from model.tal import tal_per_sample
 from processor.callbacks import EpochCallback, EpochContext, register_callback
 from utils.env import autocast
 from utils.errors import UserError
+
+from .tal import tal_per_sample
+from . import LOSS, SELECTION
 
 
 def per_sample_losses(ctx: EpochContext) -> torch.Tensor:
@@ -97,7 +99,7 @@ def noise_rate(cfg, clean: Optional[np.ndarray]) -> float:
 
 
 def enabled(cfg) -> bool:
-    return "tal" in cfg.losses and cfg.rde_ccd
+    return LOSS in cfg.losses and cfg.rde_ccd
 
 
 def check_training_split(cfg, dataset) -> None:
@@ -114,7 +116,7 @@ def check_training_split(cfg, dataset) -> None:
 
 
 # Its option, rde_ccd, is the tal loss's (model/tal.py): evaluating a run must know it without the trainer.
-@register_callback("ccd", enabled=enabled)
+@register_callback(SELECTION, enabled=enabled, check=check_training_split)
 class ConsensusDivision(EpochCallback):
     def on_epoch_start(self, ctx: EpochContext) -> Dict[str, float]:
         cfg = ctx.cfg
@@ -124,7 +126,7 @@ class ConsensusDivision(EpochCallback):
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, ctx.epoch, 0xCCD])
                                                      .generate_state(1)[0]))
         labels = consensus(clean_bge, clean_tse, generator)
-        ctx.set_sample_weights("ccd", labels)
+        ctx.set_sample_weights(SELECTION, labels)
         report = selection_report(labels, ctx.clean)
         report.update(bge_clean=round(float(clean_bge.mean()), 6), tse_clean=round(float(clean_tse.mean()), 6))
         return report

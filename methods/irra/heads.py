@@ -17,6 +17,7 @@ from model.backbone import text_tokens as backbone_text_tokens
 from model.head import Head
 from model.registry import HeadContext, register_head
 from utils.errors import UserError
+from utils.schema import Option
 
 
 class IDClassifier(nn.Linear, Head):
@@ -33,17 +34,28 @@ class IDClassifier(nn.Linear, Head):
 
 # The references train the randomly initialised IRRA modules at lr * lr_factor (SPEC 10): the classifier and the
 # MLM prediction head whole ("head_factor": biases included), the cross-modal modules except their biases.
-@register_head("classifier", enabled=lambda cfg: False, lr_factor=1.0, lr_groups={"head_factor": [""]})
+@register_head("classifier", enabled=lambda cfg: False, lr_factor=1.0, lr_groups={"head_factor": [""]}, order=20)
 def build_classifier(cfg, ctx: HeadContext) -> IDClassifier:
     if ctx.num_classes <= 0:
         raise UserError("loss 'id' needs the number of training identities (num_classes > 0)")
     return IDClassifier(ctx.dim, ctx.num_classes)
 
 
+def mlm_sizes(state: Dict[str, Any], dim: int) -> Dict[str, Any]:
+    """The MLM head's depth its weights (`mlm.*`) imply."""
+    prefix = "mlm.cross_modal_transformer.resblocks."
+    if not any(k.startswith("mlm.") for k in state):
+        return {}
+    return {"cmt_depth": len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})}
+
+
 # The reference gives lr_factor to the parameters whose names contain `cross`: exactly these two modules' (the
 # LayerNorms around them train at the base lr).
 @register_head("mlm", enabled=lambda cfg: False, lr_factor=1.0,
-               lr_groups={"head_factor": ["mlm_head"], "factor": ["cross_attn", "cross_modal_transformer"]})
+               lr_groups={"head_factor": ["mlm_head"], "factor": ["cross_attn", "cross_modal_transformer"]},
+               order=30, sizes=mlm_sizes,
+               options=[Option("cmt_depth", int, 4, "Layers of the IRRA cross-modal transformer (MLM head).",
+                               minimum=0)])
 def build_mlm_head(cfg, ctx: HeadContext) -> "MLMHead":
     return MLMHead(ctx.dim, cfg.cmt_depth, ctx.vocab_size)
 

@@ -8,7 +8,7 @@ The selected tokens (after the projection) are L2-normalised, mapped per token b
 and max-pooled (text: over the first min(k, length - 2) selected, length counting SOS and EOS). The embedding is
 `tse`; with the backbone's `global` one (BGE) the similarity is (cos_bge + cos_tse) / 2 (`rde_similarity: fused`),
 or either alone. Weights are `tse.image.*` / `tse.text.*` (the reference's `visul_emb_layer` /
-`texual_emb_layer`; model/checkpoint_compat.py maps them).
+`texual_emb_layer`; layout.py maps them).
 """
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ from torch import nn
 
 from model.head import Head, Tower
 from model.registry import HeadContext, register_head
+from utils.errors import UserError
 from utils.schema import Option
+
+from . import HEAD, LOSS
 
 SIMILARITIES = {"fused": {"global": 0.5, "tse": 0.5}, "bge": {"global": 1.0}, "tse": {"tse": 1.0}}
 
@@ -113,7 +116,17 @@ class TSEHead(Head):
         return SIMILARITIES[self.similarity_mode]
 
 
-@register_head("tse", enabled=lambda cfg: "tal" in cfg.losses, lr_factor="tse_lr_factor", bias_lr_factor=1.0,
+def sizes(state: Dict[str, torch.Tensor], dim: int) -> Dict[str, object]:
+    """Nothing to read from the weights but their width, which must be this head's."""
+    key = f"{HEAD}.image.fc.weight"
+    width = state[key].shape[0] if key in state else 2 * dim
+    if width != 2 * dim:
+        raise UserError(f"TSE layers of width {width}; this project's TSE is 2 x the embedding width ({2 * dim})")
+    return {}
+
+
+@register_head(HEAD, enabled=lambda cfg: LOSS in cfg.losses, lr_factor="tse_lr_factor", bias_lr_factor=1.0,
+               order=40, sizes=sizes,
                options=[Option("select_ratio", float, 0.3, "RDE TSE: share of the tokens selected by attention.",
                                positive=True),
                         Option("tse_lr_factor", float, 100.0, "RDE TSE: learning-rate factor of the TSE layers (the "

@@ -2,13 +2,30 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from prettytable import PrettyTable
 
-from model.php_head import usage_report
+
+def usage_report(usage: Dict[str, torch.Tensor]) -> Dict[str, List[dict]]:
+    """Per modality and block: each expert's share of routed tokens, the entropy and its maximum (log E)."""
+    report: Dict[str, List[dict]] = {}
+    for modality, counts in usage.items():
+        rows = []
+        for block, row in enumerate(counts.double()):
+            total = row.sum().item()
+            share = (row / total) if total > 0 else torch.zeros_like(row)
+            nz = share[share > 0]
+            entropy = float(-(nz * nz.log()).sum()) if total > 0 else 0.0
+            rows.append({"block": block, "tokens": [int(v) for v in row.tolist()],
+                         "share": [round(float(v), 6) for v in share.tolist()],
+                         "entropy": entropy, "max_entropy": math.log(len(row))})
+        report[modality] = rows
+    return report
+
 
 logger = logging.getLogger("php")
 

@@ -1,8 +1,6 @@
-"""TBPS-CLIP (SPEC 13): no new module, a learnable temperature and four losses, as plain functions of tensors and
-as the registered losses `nitc`, `ritc`, `citc` and `ss`, with the head `tbps` that gives them what they need.
-
-With s the logit scale, î, t̂ the L2-normalised image and text embeddings of B pairs, P the same-identity matrix
-and Q = P / its row sums:
+"""TBPS-CLIP's four losses (SPEC 13), as plain functions of tensors and as the registered losses `nitc`, `ritc`,
+`citc` and `ss`. With s the logit scale (the head's, learnt), î, t̂ the L2-normalised image and text embeddings of
+B pairs, P the same-identity matrix and Q = P / its row sums:
 - N-ITC: cross-entropy of log softmax(s î t̂ᵀ) (and of its transpose) against α softmax(s î_d t̂_dᵀ) + (1 - α) Q,
   î_d, t̂_d the same model's embeddings of the same inputs computed again without gradient; the two directions
   averaged, and with a second image view (`mvs_image`) averaged again with the same loss for that view;
@@ -15,18 +13,13 @@ run on 4 x 80 computes what one process on 320 does.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Dict
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from model.head import Head
-from model.registry import HeadContext, register_head, register_loss
+from model.registry import register_loss
 from utils.schema import Option
-
-MAX_SCALE = 100.0
 
 
 def _targets(pids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -78,62 +71,6 @@ def ss_loss(view_a: torch.Tensor, view_b: torch.Tensor, temperature: float = 0.1
     loss_a = F.cross_entropy(torch.cat([a @ b.t() / temperature, aa], dim=1), labels)
     loss_b = F.cross_entropy(torch.cat([b @ a.t() / temperature, bb], dim=1), labels)
     return (loss_a + loss_b) / 2
-
-
-def clamped_exp(log_scale: torch.Tensor, maximum: float = MAX_SCALE) -> torch.Tensor:
-    """min(exp(x), maximum) with the reference's gradient: it replaces the exponential's data by the clamped value,
-    so the value is clamped but autograd still differentiates exp(x) unclamped (the gradient never vanishes)."""
-    scale = log_scale.exp()
-    return scale.clamp(max=maximum).detach() + (scale - scale.detach())
-
-
-class TBPSHead(Head):
-    """The learnable logit scale (`logit_scale`, ln(1 / 0.07) at start), the SS projection (`simclr_mlp`, D -> 128
-    -> D) and, for the losses, the embeddings they need beyond the step's own (`outputs`)."""
-
-    def __init__(self, dim: int, soft_labels: bool, second_view: bool, simclr: bool, softlabel_ratio: float):
-        super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.soft_labels, self.second_view, self.simclr = soft_labels, second_view, simclr
-        self.softlabel_ratio = softlabel_ratio
-        if simclr:
-            self.simclr_mlp = nn.Sequential(nn.Linear(dim, 128), nn.ReLU(inplace=True), nn.Linear(128, dim))
-
-    def alpha(self, batch: Dict[str, Any]) -> float:
-        """N-ITC's soft-label share: rising linearly over the first epoch's iterations (batch["progress"], epochs
-        done), then `softlabel_ratio`."""
-        progress = batch.get("progress")
-        return self.softlabel_ratio * (1.0 if progress is None else min(1.0, float(progress)))
-
-    def outputs(self, out: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
-        batch = out["batch"]
-        res: Dict[str, Any] = {"logit_scale": clamped_exp(self.logit_scale.float()), "alpha": self.alpha(batch)}
-        if self.soft_labels:
-            with torch.no_grad():
-                res["image_feats_d"] = model.encode_image(batch["images"])
-                res["text_feats_d"] = model.encode_text(batch["caption_ids"])
-            if self.second_view:
-                res["image_mvs"] = model.encode_image(batch["view_mvs"])
-                with torch.no_grad():
-                    res["image_mvs_d"] = model.encode_image(batch["view_mvs"])
-        if self.simclr:
-            res["image_ss_1"] = self.simclr_mlp(model.encode_image(batch["view_ss_1"])).float()
-            res["image_ss_2"] = self.simclr_mlp(model.encode_image(batch["view_ss_2"])).float()
-        return res
-
-
-TBPS_LOSSES = ("nitc", "ritc", "citc", "ss")
-
-
-@register_head("tbps", lr_factor=1.0,
-               options=[Option("softlabel_ratio", float, 0.5, "TBPS-CLIP N-ITC: share of the model's own soft "
-                                                              "labels in the targets after the first epoch.",
-                               minimum=0),
-                        Option("mvs_image", bool, True, "TBPS-CLIP N-ITC: average with the loss of a second view "
-                                                        "of each image.")])
-def build_tbps_head(cfg, ctx: HeadContext) -> TBPSHead:
-    return TBPSHead(ctx.dim, "nitc" in cfg.losses, "nitc" in cfg.losses and cfg.mvs_image, "ss" in cfg.losses,
-                    cfg.softlabel_ratio)
 
 
 @register_loss("nitc", weight=1.0, global_batch=True, needs=("tbps",),

@@ -15,7 +15,7 @@ import torch
 from open_clip.transformer import QuickGELU
 from torch import nn
 
-from model.moe import MoE
+from .moe import MoE
 
 ATTENTION_MODES = ("tokens", "batch")
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from model.registry import register_loss
 from utils.schema import Option
 
+from . import HEAD, LOSS, SELECTION
+
 LOG_CLAMP = math.log(1e36)
 
 
@@ -44,13 +46,13 @@ def tal_per_sample(image_feats: torch.Tensor, text_feats: torch.Tensor, pids: to
     return _direction(scores, positive, tau, margin) + _direction(scores.t(), positive, tau, margin)
 
 
-def sample_weights(out: Dict, name: str = "ccd") -> torch.Tensor:
+def sample_weights(out: Dict, name: str = SELECTION) -> torch.Tensor:
     """The batch's weights set by the per-epoch callback `name` (ones when it did not run)."""
     weights = out["batch"].get("sample_weights", {}).get(name)
     return torch.ones_like(out["image_feats"][:, 0]) if weights is None else weights.float()
 
 
-@register_loss("tal", weight=1.0, needs=("tse",),
+@register_loss(LOSS, weight=1.0, needs=(HEAD,),
                options=[Option("tau", float, 0.015, "RDE TAL: temperature of the positive weights and of the "
                                                     "negatives' log-sum-exp.", positive=True),
                         Option("margin", float, 0.1, "RDE TAL: margin.", minimum=0),
